@@ -1,0 +1,329 @@
+"""SiT and DFM-SiT transformers (spec §4).
+
+A DFM-SiT is a SiT whose input, timestep embedding and output head are duplicated per pyramid stage:
+stage s is patchified with ``p_s = p / 2^(S-1-s)`` so every stage yields the same token grid, the
+token sequence is the sum of the per-stage embeddings, the conditioning vector is the sum of the
+per-stage timestep embeddings and the label embedding, and each stage has its own adaLN final layer
+reading the shared final tokens. With one stage this is exactly SiT.
+
+The model knows nothing of compile, CUDA graphs or DeepSpeed; those wrap it from the outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dfm.attention import attention
+from dfm.pyramid import check_divisible
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation of tokens (B, N, D) by per-sample shift/scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D sin-cos positional embedding, (grid_h * grid_w, dim), row-major over the grid.
+
+    Half the channels encode the row, half the column, each as [sin, cos] of 1/10000^(2i/d) frequencies
+    (the DiT/MAE layout, so released checkpoints keep their meaning).
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def embed_1d(pos: Tensor) -> Tensor:
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)  # (M, dim/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim/2)
+
+    gy, gx = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    # MAE/DiT order: the first half of the channels embeds the column (w) coordinate.
+    return torch.cat([embed_1d(gx), embed_1d(gy)], dim=1).float()
+
+
+def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features (B, dim) of times t (B,), [cos, sin] halves as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+# -- embedders --------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches of (B, C, H, W) -> tokens (B, H/p * W/p, D)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> 256-d sinusoid -> MLP -> (B, D)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, D); index ``num_classes`` is the null label used for classifier-free guidance.
+
+    Label dropout is drawn by the objective (not here) so that it is part of the injectable draw.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.table(y)
+
+
+# -- block ------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.fc1 = nn.Linear(hidden_size, inner)
+        self.fc2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero transformer block: shift/scale/gate for attention and MLP from the conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+# -- final layer ------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm + linear to p*p*C values per token (one per stage in DFM)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int, grid_h: int, grid_w: int) -> Tensor:
+    """Tokens (B, gh*gw, p*p*C) -> image (B, C, gh*p, gw*p)."""
+    B = x.shape[0]
+    p = patch_size
+    x = x.view(B, grid_h, grid_w, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(B, channels, grid_h * p, grid_w * p)
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a (DFM-)SiT. ``input_size`` is the finest stage's (H, W) or one int for square."""
+
+    input_size: int | tuple[int, int] = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    stages: int = 1
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.input_size, self.input_size) if isinstance(self.input_size, int) else tuple(self.input_size)
+
+    @property
+    def stage_patch_sizes(self) -> list[int]:
+        return [self.patch_size >> (self.stages - 1 - s) for s in range(self.stages)]
+
+    def validate(self) -> None:
+        check_divisible(*self.hw, self.stages, self.patch_size)
+
+
+class DFMSiT(nn.Module):
+    """SiT backbone with per-stage patch embeddings, timestep embedders and output heads.
+
+    ``forward(x, t, y, mask)``: ``x`` is the list of S stage tensors (coarsest first, stage s of shape
+    (B, C, H / 2^(S-1-s), W / 2^(S-1-s))), ``t`` (B, S) per-stage times, ``y`` (B,) labels, ``mask``
+    (B, S) bool with True for active stages (None = all active). Returns the S per-stage velocities.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        D, C = config.hidden_size, config.in_channels
+        H, W = config.hw
+        self.grid = (H // config.patch_size, W // config.patch_size)
+        self.x_embedders = nn.ModuleList(PatchEmbed(C, D, p) for p in config.stage_patch_sizes)
+        self.t_embedders = nn.ModuleList(TimestepEmbedder(D) for _ in range(config.stages))
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
+        self.register_buffer("pos_embed", sincos_pos_embed(D, *self.grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(SiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layers = nn.ModuleList(FinalLayer(D, p, C) for p in config.stage_patch_sizes)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Every special initialisation in one place (adaLN-Zero, as DiT/SiT)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # xavier for every linear, zero bias ...
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for embed in self.x_embedders:  # ... and for the patch projections seen as linears
+            nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+            nn.init.zeros_(embed.proj.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for t_embedder in self.t_embedders:
+            nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for head in self.final_layers:  # zero heads: the model outputs v = 0 at initialisation
+            nn.init.zeros_(head.adaLN_modulation[-1].weight)
+            nn.init.zeros_(head.adaLN_modulation[-1].bias)
+            nn.init.zeros_(head.linear.weight)
+            nn.init.zeros_(head.linear.bias)
+
+    @property
+    def stages(self) -> int:
+        return self.config.stages
+
+    def stage_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H_s, W_s) of every stage, coarsest first."""
+        H, W = self.config.hw
+        S = self.config.stages
+        return [(self.config.in_channels, H >> (S - 1 - s), W >> (S - 1 - s)) for s in range(S)]
+
+    def forward(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        if len(x) != self.stages:
+            raise ValueError(f"model has {self.stages} stages but got {len(x)} stage tensors")
+        tokens = self.pos_embed.to(x[0].dtype)
+        c = self.y_embedder(y)
+        for s in range(self.stages):
+            x_s = x[s]
+            if mask is not None:  # masked stages enter as zeros (their embedding bias still counts)
+                x_s = x_s * mask[:, s].to(x_s.dtype).view(-1, 1, 1, 1)
+            tokens = tokens + self.x_embedders[s](x_s)
+            c = c + self.t_embedders[s](t[:, s])
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        C = self.config.in_channels
+        return [
+            unpatchify(head(tokens, c), p, C, *self.grid)
+            for head, p in zip(self.final_layers, self.config.stage_patch_sizes)
+        ]
+
+
+# -- size registry ----------------------------------------------------------------------------------
+
+SIZES = {  # depth, hidden, heads
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCHES = (1, 2, 4, 8)
+
+
+def _registry() -> dict[str, ModelConfig]:
+    names = {}
+    for size, (depth, hidden, heads) in SIZES.items():
+        for p in PATCHES:
+            base = ModelConfig(patch_size=p, hidden_size=hidden, depth=depth, num_heads=heads)
+            names[f"SiT-{size}/{p}"] = replace(base, stages=1)
+            names[f"DFM-SiT-{size}/{p}"] = replace(base, stages=2)
+    return names
+
+
+MODELS: dict[str, ModelConfig] = _registry()
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The registered config for ``name`` (``SiT-XL/2``, ``DFM-SiT-B/2``, ...) with fields overridden."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    fields = set(ModelConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown model override(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    config = replace(MODELS[name], **overrides)
+    if name.startswith("SiT-") and config.stages != 1:
+        raise ValueError(f"{name} is a single-stage model; use DFM-{name} for stages={config.stages}")
+    return config
+
+
+def build_model(name: str, **overrides) -> DFMSiT:
+    """Build a registered model, e.g. ``build_model("DFM-SiT-B/2", input_size=32, num_classes=1000)``."""
+    return DFMSiT(model_config(name, **overrides))
+
+
+__all__ = ["DFMSiT", "ModelConfig", "MODELS", "build_model", "model_config"]

@@ -1,0 +1,150 @@
+"""The DFM training objective (spec §3); with one stage it is exactly SiT flow matching.
+
+Time runs from data to noise: ``x_t = (1 - t) x + t eps`` and the velocity target is ``v = eps - x``.
+Per step a main stage ``k`` is drawn; stages ``s < k`` get low-noise times ``sigmoid(n - 2)``, stage
+``k`` the main sampler, stages ``s > k`` are masked (``t = 1``, input zeroed, no loss).
+
+The random draw (:class:`StageDraw`) is separate from the arithmetic so that a fused kernel can be
+fed the very same noise, and nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dfm import pyramid
+
+T_SAMPLERS = ("logit_normal", "uniform")
+
+
+@dataclass
+class StageDraw:
+    """Everything random about one training step."""
+
+    t: Tensor  # (B, S) per-sample per-stage time in [0, 1]
+    mask: Tensor  # (B, S) bool, True where the stage is active (s <= k)
+    eps: list[Tensor]  # per-stage white noise, same shapes as the bands
+    y: Tensor  # (B,) labels after class dropout (null class = num_classes)
+
+
+def noise_stages(bands: list[Tensor], t: Tensor, mask: Tensor, eps: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Model inputs and velocity targets per stage: ``x_t`` (zeroed where masked) and ``v = eps - x``.
+
+    This is the eager reference of the fused noising kernel (``dfm.kernels.noising``).
+    """
+    x_t, v = [], []
+    for s, (x, e) in enumerate(zip(bands, eps)):
+        t_s = t[:, s].to(x.dtype).view(-1, 1, 1, 1)
+        keep = mask[:, s].to(x.dtype).view(-1, 1, 1, 1)
+        x_t.append(((1 - t_s) * x + t_s * e) * keep)
+        v.append(e - x)
+    return x_t, v
+
+
+def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
+    """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
+    total = torch.zeros(mask.shape[0], device=mask.device, dtype=torch.float32)
+    for s, (pred, target) in enumerate(zip(v_hat, v)):
+        err = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
+        # where() rather than a product: a masked head gets an exactly-zero gradient even if it outputs inf.
+        total = total + torch.where(mask[:, s], err, torch.zeros_like(err))
+    return total.mean()
+
+
+class DFMObjective:
+    """Draws stages, times, noise and class dropout, and computes the masked per-stage loss.
+
+    Args:
+        stages: number of pyramid stages S (1 = plain SiT flow matching).
+        stage_weights: probability of each stage being the main stage ``k`` (normalised here).
+        num_classes: label count; the null (CFG) label is ``num_classes``.
+        per_sample_stage: draw ``k`` per sample instead of once per batch (the reference).
+        t_sampler: ``"logit_normal"`` (``sigmoid(N(mean, std))``) or ``"uniform"`` for the main stage.
+        earlier_shift: earlier stages use ``sigmoid(n + earlier_shift)`` (reference: -2, low noise).
+        class_dropout: probability of replacing a label by the null class.
+    """
+
+    def __init__(
+        self,
+        stages: int,
+        stage_weights: list[float] | None = None,
+        num_classes: int = 1000,
+        per_sample_stage: bool = False,
+        t_sampler: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        earlier_shift: float = -2.0,
+        class_dropout: float = 0.1,
+    ):
+        if stage_weights is None:
+            stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
+        if len(stage_weights) != stages:
+            raise ValueError(f"stage_weights has {len(stage_weights)} entries but stages_count is {stages}")
+        if any(w < 0 for w in stage_weights) or sum(stage_weights) <= 0:
+            raise ValueError(f"stage_weights must be non-negative with a positive sum, got {stage_weights}")
+        if t_sampler not in T_SAMPLERS:
+            raise ValueError(f"t_sampler must be one of {T_SAMPLERS}, got {t_sampler!r}")
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+        self.stages = stages
+        total = float(sum(stage_weights))
+        self.stage_weights = [w / total for w in stage_weights]
+        self.num_classes = num_classes
+        self.per_sample_stage = per_sample_stage
+        self.t_sampler = t_sampler
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.earlier_shift = earlier_shift
+        self.class_dropout = class_dropout
+
+    # -- random draws ---------------------------------------------------------------------------------
+    def sample_main_stage(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Main stage ``k`` per sample, shape (B,): one draw shared by the batch unless per-sample."""
+        weights = torch.tensor(self.stage_weights, device=device)
+        n = batch if self.per_sample_stage else 1
+        k = torch.multinomial(weights, n, replacement=True, generator=generator)
+        return k.expand(batch) if n == 1 else k
+
+    def sample_t(self, k: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Per-stage times and active mask, both (B, S), for main stages ``k`` (B,)."""
+        batch, device = k.shape[0], k.device
+        stage = torch.arange(self.stages, device=device).view(1, -1)  # (1, S)
+        k = k.view(-1, 1)  # (B, 1)
+        n = torch.randn(batch, self.stages, device=device, generator=generator)
+        if self.t_sampler == "logit_normal":
+            t_main = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        else:
+            t_main = torch.rand(batch, self.stages, device=device, generator=generator)
+        t_earlier = torch.sigmoid(n + self.earlier_shift)
+        t = torch.where(stage == k, t_main, torch.where(stage < k, t_earlier, torch.ones_like(t_main)))
+        return t, stage <= k
+
+    def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Replace each label by the null class with probability ``class_dropout``."""
+        if self.class_dropout == 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.class_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def draw(self, bands: list[Tensor], y: Tensor, generator: torch.Generator | None = None) -> StageDraw:
+        """All randomness of a step for these bands and labels."""
+        batch, device = y.shape[0], y.device
+        k = self.sample_main_stage(batch, device, generator)
+        t, mask = self.sample_t(k, generator)
+        eps = [torch.randn(b.shape, device=b.device, dtype=b.dtype, generator=generator) for b in bands]
+        return StageDraw(t=t, mask=mask, eps=eps, y=self.drop_labels(y, generator))
+
+    # -- the step -------------------------------------------------------------------------------------
+    def __call__(
+        self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
+    ) -> tuple[Tensor, StageDraw]:
+        """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
+        bands = pyramid.decompose(x, self.stages)
+        if draw is None:
+            draw = self.draw(bands, y, generator)
+        x_t, v = noise_stages(bands, draw.t, draw.mask, draw.eps)
+        v_hat = model(x_t, draw.t, draw.y, draw.mask)
+        return stage_loss(v_hat, v, draw.mask), draw

@@ -1,0 +1,1 @@
+"""Entry points (``dfm train``, ``dfm sample``, ...) and DeepSpeed launch, installed as ``dfm.launch``."""

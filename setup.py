@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="dfm",
+    version="0.1.0",
+    description="Decomposable Flow Matching: staged Laplacian-pyramid flow matching on SiT transformers",
+    python_requires=">=3.10",
+    # kernels/ and launch/ live at the top of the repository but install inside the dfm namespace:
+    # a top-level "kernels" would clash with the PyPI package of that name.
+    packages=["dfm", "dfm.kernels", "dfm.launch"],
+    package_dir={"dfm": "dfm", "dfm.kernels": "kernels", "dfm.launch": "launch"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton",
+        "deepspeed>=0.16",
+        "nvidia-dali-cuda120",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "Pillow",
+        "scipy",
+        "scikit-learn",
+        "diffusers",
+        "tensorboard",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "ruff"],
+        # NVIDIA apex is optional and built from source (the PyPI "apex" is an unrelated package).
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["dfm=dfm.launch.cli:main"]},
+)
