@@ -83,9 +83,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(timestep_sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype))
