@@ -1,0 +1,80 @@
+"""Config schema: YAML + overrides fill typed dataclasses; every bad input names its key."""
+
+from pathlib import Path
+
+import pytest
+
+from dfm.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path, ["data.data_dir=/data/latents"] if "imagenet" in path.name or "256" in path.name else [])
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_and_types():
+    cfg = load_config(CONFIGS / "dfm_digits.yaml", ["train.lr=3e-4", "sample.num_steps_per_scale=[20,5]", "seed=7"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.sample.num_steps_per_scale == [20, 5] and cfg.seed == 7
+    assert cfg.stages == 2 and cfg.thresholds() == [0.1]
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+def test_defaults_follow_the_model():
+    sit = load_config(None, ["model=SiT-S/2"])
+    assert sit.stages == 1 and sit.steps_per_stage() == [50] and sit.thresholds() == []
+    dfm = load_config(None, ["model=DFM-SiT-S/2"])
+    assert dfm.stages == 2 and dfm.steps_per_stage() == [40, 10] and dfm.thresholds() == [0.1]
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.bogus=1"], "unknown config key 'train.bogus'"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["train.lr=fast"], "config key 'train.lr': expected a number"),
+        (["train.max_steps=1.5"], "config key 'train.max_steps': expected an integer"),
+        (["train.compile=maybe"], "config key 'train.compile': expected true/false"),
+        (["sample.num_steps_per_scale=4"], "config key 'sample.num_steps_per_scale': expected a list"),
+        (["train=3"], "config key 'train' is a section"),
+        (["model=DiT-Huge/3"], "config key 'model': unknown model"),
+        (["data.resolution=17"], "resolution 17x17 is not divisible by 2"),
+        (["model=DFM-SiT-S/2", "dfm.stages_count=3"], "patch size 2 cannot serve 3 stages"),
+        (["model=DFM-SiT-S/1"], "patch size 1 cannot serve 2 stages"),
+        (["sample.stage_sampling_thresholds=[0.5, 0.6]", "model=DFM-SiT-S/4", "dfm.stages_count=3",
+          "sample.num_steps_per_scale=[4,2,2]", "dfm.stage_weights=[0.8,0.1,0.1]"], "strictly decreasing"),
+        (["sample.num_steps_per_scale=[40]"], "'sample.num_steps_per_scale' has 1 entries for 2 stages"),
+        (["sample.stage_sampling_thresholds=[0.1, 0.05]"], "one entry per stage boundary"),
+        (["dfm.stage_weights=[1.0]"], "'dfm.stage_weights' has 1 entries for 2 stages"),
+        (["model=SiT-S/2", "dfm.stages_count=2"], "single-stage"),
+        (["sample.mode=sde"], "SDE sampler is for single-stage"),
+        (["data.kind=latents"], "'data.data_dir' is required"),
+        (["train.zero_stage=4"], "'train.zero_stage' must be one of"),
+        (["arch.num_heads=5"], "divisible by the head count"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "dfm_digits.yaml", overrides)
+    assert needle in str(err.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 10\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'train.max_stepz'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    import yaml
+
+    cfg = load_config(CONFIGS / "dfm_digits.yaml", ["train.lr=2e-4"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert again == cfg
