@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dfm import pyramid
+from dfm import ops
 
 T_SAMPLERS = ("logit_normal", "uniform")
 
@@ -48,9 +48,10 @@ def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
     """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
     total = torch.zeros(mask.shape[0], device=mask.device, dtype=torch.float32)
     for s, (pred, target) in enumerate(zip(v_hat, v)):
-        err = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
-        # where() rather than a product: a masked head gets an exactly-zero gradient even if it outputs inf.
-        total = total + torch.where(mask[:, s], err, torch.zeros_like(err))
+        # where() on the difference, before squaring, rather than a product: a masked head gets an exactly-zero
+        # loss and gradient even if it outputs inf (masking after the square would backpropagate 0 * inf = nan).
+        diff = torch.where(mask[:, s].view(-1, 1, 1, 1), pred.float() - target.float(), 0.0)
+        total = total + diff.square().mean(dim=(1, 2, 3))
     return total.mean()
 
 
@@ -102,10 +103,20 @@ class DFMObjective:
 
     # -- random draws ---------------------------------------------------------------------------------
     def sample_main_stage(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Main stage ``k`` per sample, shape (B,): one draw shared by the batch unless per-sample."""
-        weights = torch.tensor(self.stage_weights, device=device)
+        """Main stage ``k`` per sample, shape (B,): one draw shared by the batch unless per-sample.
+
+        Inverse CDF against the cumulative weights held as Python numbers, because both obvious routes
+        synchronise on CUDA: ``torch.tensor(weights, device=...)`` copies from pageable host memory and
+        waits for the stream, and ``torch.multinomial`` checks its probabilities with ``.item()`` when
+        drawing one sample.
+        """
         n = batch if self.per_sample_stage else 1
-        k = torch.multinomial(weights, n, replacement=True, generator=generator)
+        u = torch.rand(n, device=device, generator=generator)
+        k = torch.zeros(n, dtype=torch.long, device=device)
+        for s in range(1, self.stages):
+            if sum(self.stage_weights[s:]) == 0:  # only zero-weight stages left: never step into them
+                break
+            k = k + (u >= sum(self.stage_weights[:s])).long()  # k = number of cumulative weights <= u
         return k.expand(batch) if n == 1 else k
 
     def sample_t(self, k: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -142,9 +153,11 @@ class DFMObjective:
         self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
     ) -> tuple[Tensor, StageDraw]:
         """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
-        bands = pyramid.decompose(x, self.stages)
         if draw is None:
-            draw = self.draw(bands, y, generator)
-        x_t, v = noise_stages(bands, draw.t, draw.mask, draw.eps)
+            # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
+            # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, this module's eager
+            # noise_stages of pyramid.decompose otherwise).
+            draw = self.draw(ops.band_placeholders(x, self.stages), y, generator)
+        x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)
         return stage_loss(v_hat, v, draw.mask), draw

@@ -1,0 +1,223 @@
+"""Dispatch between the Triton kernels in ``dfm.kernels`` and their eager PyTorch references.
+
+The objective and the sampler call these functions, never a kernel directly. One predicate per kernel
+(:func:`use_triton_laplacian`, :func:`use_triton_noising`, :func:`use_triton_pyramid_noise`) decides;
+each checks the mode, that Triton imports, the device, the dtype and autograd, and logs the reason for
+falling back once. The mode comes from :func:`set_triton_mode` or else the ``DFM_TRITON`` environment
+variable:
+
+- ``auto`` (default): Triton for CUDA tensors when it can run, the reference otherwise.
+- ``1`` / ``on``: Triton or an error saying why not. CPU tensors run in Triton's interpreter, which
+  needs ``TRITON_INTERPRET=1`` in the environment before the kernels are first imported (tests only:
+  the interpreter is orders of magnitude slower than the reference).
+- ``0`` / ``off``: always the reference.
+
+The kernel modules are imported lazily, on the first call that will launch one, so importing ``dfm``
+never defines a ``@triton.jit`` function before a test harness has had the chance to select the
+interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from dfm import pyramid
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "DFM_TRITON"
+MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_NUMEL = 2**31 - 1  # the kernels index in int32
+
+_mode_override: str | None = None
+_logged: set[tuple[str, str]] = set()
+_modules: dict[str, ModuleType] = {}
+_import_error: list[BaseException] = []
+
+
+# -- mode -----------------------------------------------------------------------------------------------
+
+
+def triton_mode() -> str:
+    """The current mode: ``"auto"``, ``"on"`` or ``"off"`` (override first, then ``DFM_TRITON``)."""
+    raw = _mode_override if _mode_override is not None else os.environ.get(ENV_VAR, "auto")
+    mode = MODES.get(str(raw).strip().lower())
+    if mode is None:
+        raise ValueError(f"{ENV_VAR} must be one of {sorted(MODES)}, got {raw!r}")
+    return mode
+
+
+def set_triton_mode(mode: str | None) -> None:
+    """Force ``"on"`` / ``"off"`` / ``"auto"`` for this process (``None`` returns to ``DFM_TRITON``)."""
+    global _mode_override
+    if mode is not None and str(mode).strip().lower() not in MODES:
+        raise ValueError(f"Triton mode must be one of {sorted(MODES)} or None, got {mode!r}")
+    _mode_override = None if mode is None else str(mode)
+
+
+@contextmanager
+def triton_mode_as(mode: str | None):
+    """Context manager form of :func:`set_triton_mode`."""
+    previous = _mode_override
+    set_triton_mode(mode)
+    try:
+        yield
+    finally:
+        set_triton_mode(previous)
+
+
+# -- predicates ------------------------------------------------------------------------------------------
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """``dfm.kernels.<name>``, imported on first use; ``None`` when Triton does not import."""
+    if name not in _modules and not _import_error:
+        try:
+            _modules[name] = importlib.import_module(f"dfm.kernels.{name}")
+        except ImportError as err:  # no Triton in this environment
+            _import_error.append(err)
+    return _modules.get(name)
+
+
+def _why_not(module: str, tensors: list[Tensor]) -> str | None:
+    """Reason the kernels of ``module`` cannot take these tensors, or ``None`` when they can."""
+    x = tensors[0]
+    if any(t.device != x.device for t in tensors):
+        return "tensors on several devices"
+    if any(t.dtype != x.dtype for t in tensors):
+        return "mixed dtypes"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "inputs require grad (the kernels have no backward)"
+    if any(t.numel() > MAX_NUMEL for t in tensors):
+        return "more than 2^31 elements"
+    if x.device.type == "cpu":
+        if triton_mode() != "on":
+            return "CPU tensors (Triton runs on CPU only in its interpreter, when forced)"
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "CPU tensors need TRITON_INTERPRET=1"
+    elif x.device.type != "cuda":
+        return f"device {x.device.type}"
+    kernels = _kernel_module(module)
+    if kernels is None:
+        return f"Triton does not import ({_import_error[0]})"
+    interpreted = importlib.import_module("dfm.kernels.common").INTERPRETED
+    if x.device.type == "cpu" and not interpreted:
+        return "the kernels were imported before TRITON_INTERPRET=1 was set"
+    if x.device.type == "cuda" and interpreted:
+        return "TRITON_INTERPRET=1 was set when the kernels were imported (they would run interpreted)"
+    return None
+
+
+def _decide(kernel: str, module: str, tensors: list[Tensor]) -> bool:
+    mode = triton_mode()
+    if mode == "off":
+        return False
+    reason = _why_not(module, tensors)
+    if reason is None:
+        return True
+    if mode == "on":
+        forced = f"Triton is forced ({ENV_VAR}=1 or set_triton_mode)"
+        raise RuntimeError(f"{forced} but the {kernel} kernel cannot run: {reason}")
+    if (kernel, reason) not in _logged:
+        _logged.add((kernel, reason))
+        log.info("%s: using the PyTorch reference (%s)", kernel, reason)
+    return False
+
+
+def use_triton_laplacian(x: Tensor | list[Tensor]) -> bool:
+    """Whether :func:`decompose` / :func:`recompose` run the fused Laplacian kernels on ``x``."""
+    return _decide("laplacian", "laplacian", [x] if isinstance(x, Tensor) else list(x))
+
+
+def use_triton_noising(bands: list[Tensor]) -> bool:
+    """Whether :func:`noise_stages` runs the fused noising kernel on these bands."""
+    return _decide("noising", "noising", list(bands))
+
+
+def use_triton_pyramid_noise(x: Tensor, eps: list[Tensor] | None = None) -> bool:
+    """Whether :func:`decompose_and_noise` runs the fused decompose + noise kernel on ``x`` (and ``eps``)."""
+    return _decide("pyramid_noise", "pyramid_noise", [x] + ([] if eps is None else list(eps)))
+
+
+# -- ops -------------------------------------------------------------------------------------------------
+
+
+def decompose(x: Tensor, stages: int) -> list[Tensor]:
+    """Laplacian pyramid of ``x`` (B, C, H, W), coarsest stage first (see :func:`dfm.pyramid.decompose`)."""
+    if use_triton_laplacian(x):
+        return _modules["laplacian"].decompose(x, stages)
+    return pyramid.decompose(x, stages)
+
+
+def recompose(bands: list[Tensor]) -> Tensor:
+    """Inverse of :func:`decompose` (see :func:`dfm.pyramid.recompose`)."""
+    if use_triton_laplacian(bands):
+        return _modules["laplacian"].recompose(bands)
+    return pyramid.recompose(bands)
+
+
+def _seeded_noise(shapes: list[torch.Size], like: Tensor, seed: int) -> list[Tensor]:
+    """Reference stand-in for in-kernel noise: N(0, 1) from a ``torch.Generator`` seeded with ``seed``.
+
+    Same distribution and determinism per seed as the kernels' philox noise, not the same numbers.
+    """
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return [torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype) for shape in shapes]
+
+
+def noise_stages(
+    bands: list[Tensor], t: Tensor, mask: Tensor, eps: list[Tensor] | None = None, seed: int | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per stage ``x_t`` (zero where masked) and ``v = eps - x`` (see :func:`dfm.objective.noise_stages`).
+
+    Give ``eps``, or ``seed`` to draw the noise in-kernel (on the reference path: from a generator).
+    """
+    if (eps is None) == (seed is None):
+        raise ValueError("give exactly one of eps (a noise tensor per stage) or seed")
+    if use_triton_noising(list(bands) + ([] if eps is None else list(eps))):
+        return _modules["noising"].noise_stages(bands, t, mask, eps, seed)
+    from dfm.objective import noise_stages as noise_stages_eager  # the objective imports this module
+
+    if eps is None:
+        eps = _seeded_noise([b.shape for b in bands], bands[0], seed)
+    return noise_stages_eager(bands, t, mask, eps)
+
+
+def decompose_and_noise(
+    x: Tensor, stages: int, t: Tensor, mask: Tensor, eps: list[Tensor] | None = None, seed: int | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``noise_stages(decompose(x, stages), t, mask, eps or seed)`` without materialising the bands.
+
+    The training step's path: on CUDA one fused launch per pyramid level (one in all for two stages).
+    """
+    if (eps is None) == (seed is None):
+        raise ValueError("give exactly one of eps (a noise tensor per stage) or seed")
+    if use_triton_pyramid_noise(x, eps):
+        return _modules["pyramid_noise"].decompose_and_noise(x, stages, t, mask, eps, seed)
+    from dfm.objective import noise_stages as noise_stages_eager
+
+    bands = pyramid.decompose(x, stages)
+    if eps is None:
+        eps = _seeded_noise([b.shape for b in bands], x, seed)
+    return noise_stages_eager(bands, t, mask, eps)
+
+
+def band_placeholders(x: Tensor, stages: int) -> list[Tensor]:
+    """Zero-memory stand-ins with the shape, dtype and device of every band of ``x``, coarsest first.
+
+    Lets the objective draw the noise before the (fused) decomposition without computing the bands.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    return [x.new_empty(()).expand(B, C, h, w) for h, w in pyramid.stage_shapes(H, W, stages)]

@@ -1,0 +1,406 @@
+"""Fused Laplacian pyramid (decomposition and recomposition) in Triton, beside its PyTorch reference.
+
+Design trade-off. For even sizes the x1/2 bilinear resize (``align_corners=False``, no antialias) is
+exactly a 2x2 mean and the x2 resize a separable stencil with per-axis weights (1/4, 3/4) and PyTorch's
+edge clamping, so ``band = x - up(down(x))`` at a fine pixel needs the 3x3 neighbourhood of its low
+pixel: a one-pixel halo of the low level. One program owns a tile of low pixels, forms the 2x2 means of
+the tile and of its halo straight from ``x`` (the halo re-reads hit L1/L2, DRAM sees ``x`` once) and
+writes the low tile and the 2x-sized band tile. Each pyramid level is one launch that reads its input
+once, where the eager path (down, up, subtract) reads it twice and also writes and re-reads a
+full-size upsampled temporary. All levels in one launch would need a grid-wide barrier between levels, or every program
+recomputing each coarser level from ``x`` (a 4^l-pixel mean per level-l value): not worth it for the
+1-3 launches of a 2-4 stage pyramid. Lows are rounded to the storage dtype before they are upsampled,
+exactly where PyTorch rounds them, so the bands absorb that rounding and ``recompose`` inverts the
+kernel's bands as closely as it inverts the reference's. Arithmetic is fp32.
+
+Recomposition is the mirror image: per level one launch computes ``up(cur) + band`` from the 3x3
+neighbourhood of each coarse pixel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import MAX_NUMEL, STENCIL_TILE, STENCIL_WARPS, rounded, store_rounded, tile_shape
+from .noising import noise_epilogue
+
+# -- reference ----------------------------------------------------------------------------------------
+
+
+def down_ref(x: Tensor) -> Tensor:
+    """x1/2 bilinear resize of (..., H, W), H and W even: the 2x2 mean, computed in fp32 or wider."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(wide)
+    low = (((y[..., 0::2, 0::2] + y[..., 0::2, 1::2]) + y[..., 1::2, 0::2]) + y[..., 1::2, 1::2]) * 0.25
+    return low.to(x.dtype)
+
+
+def _up_axis(x: Tensor, dim: int) -> Tensor:
+    """x2 linear resize along ``dim``: out[2i] = x[i-1]/4 + 3x[i]/4, out[2i+1] = 3x[i]/4 + x[i+1]/4.
+
+    At the edges PyTorch clamps the source coordinate: out[0] = x[0] and x[n] reads as x[n-1].
+    """
+    n = x.shape[dim]
+    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    w_prev = torch.full([n if d == dim else 1 for d in range(x.dim())], 0.25, dtype=x.dtype, device=x.device)
+    w_prev.narrow(dim, 0, 1).zero_()
+    even = w_prev * prev + (1 - w_prev) * x
+    odd = 0.75 * x + 0.25 * nxt
+    return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+
+
+def up_ref(x: Tensor) -> Tensor:
+    """x2 bilinear resize of (B, C, H, W) as the separable 4-tap stencil, computed in fp32 or wider."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return _up_axis(_up_axis(x.to(wide), 3), 2).to(x.dtype)
+
+
+def check_pyramid_input(x: Tensor, stages: int) -> None:
+    """Raise ValueError unless ``x`` is (B, C, H, W) with H, W divisible by 2^(stages-1)."""
+    if x.dim() != 4:
+        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    factor = 2 ** (stages - 1)
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(
+            f"resolution {x.shape[-2]}x{x.shape[-1]} is not divisible by {factor} (stages={stages} needs 2^(stages-1))"
+        )
+
+
+def decompose_ref(x: Tensor, stages: int) -> list[Tensor]:
+    """PyTorch reference: ``low = down(cur)``, ``band = cur - up(low)``, recursing; coarsest stage first."""
+    check_pyramid_input(x, stages)
+    bands, cur = [], x
+    for _ in range(stages - 1):
+        low = down_ref(cur)
+        bands.append(cur - up_ref(low))
+        cur = low
+    bands.append(cur)
+    return bands[::-1]
+
+
+def recompose_ref(bands: list[Tensor]) -> Tensor:
+    """PyTorch reference: ``cur = bands[0]; cur = up(cur) + band`` for the finer bands."""
+    cur = bands[0]
+    for band in bands[1:]:
+        cur = up_ref(cur) + band
+    return cur
+
+
+# -- kernels ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fine_rows(X_ptr, base, ii, cols, sxh, sxw, mask):
+    """Fine rows 2 ii and 2 ii + 1 of x (fp32) at ``cols``: low rows ``ii`` (BH, 1), ``cols`` (1, 2 BW)."""
+    top = tl.load(X_ptr + base + (2 * ii) * sxh + cols * sxw, mask=mask, other=0.0).to(tl.float32)
+    bot = tl.load(X_ptr + base + (2 * ii + 1) * sxh + cols * sxw, mask=mask, other=0.0).to(tl.float32)
+    return top, bot
+
+
+@triton.jit
+def _pair_mean(top, bot, BH: tl.constexpr, BW: tl.constexpr):
+    """2x2 means (BH, BW) of two fine rows (BH, 2 BW) whose columns come in pairs."""
+    t0, t1 = tl.split(tl.reshape(top, (BH, BW, 2)))
+    b0, b1 = tl.split(tl.reshape(bot, (BH, BW, 2)))
+    # Summed in PyTorch's order; the scaling by 1/4 is exact.
+    return (((t0 + t1) + b0) + b1) * 0.25
+
+
+@triton.jit
+def _mean2x2(X_ptr, base, ii, cols, sxh, sxw, mask, DTYPE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Low pixels at rows ``ii`` over column pairs ``cols``, rounded to the storage dtype."""
+    top, bot = _fine_rows(X_ptr, base, ii, cols, sxh, sxw, mask)
+    return rounded(_pair_mean(top, bot, BH, BW), DTYPE)
+
+
+@triton.jit
+def _up2x(l_pp, l_pc, l_pn, l_cp, l_cc, l_cn, l_np, l_nc, l_nn, i, j, BH: tl.constexpr, BW: tl.constexpr):
+    """x2 bilinear upsampling of the low tile from its 3x3 neighbourhood (p = previous, c = centre, n = next).
+
+    Returns the two fine rows 2i and 2i+1, each (BH, 2 BW) with columns interleaved. Columns are
+    interpolated first, then rows, as PyTorch does; at the first row/column the previous neighbour gets
+    weight 0 (PyTorch clamps the source coordinate to 0), at the last the next neighbour is clamped.
+    """
+    w_cp = tl.where(j > 0, 0.25, 0.0)
+    w_rp = tl.where(i > 0, 0.25, 0.0)
+    even_p = w_cp * l_pp + (1.0 - w_cp) * l_pc  # column 2j of low row i-1
+    odd_p = 0.75 * l_pc + 0.25 * l_pn  # column 2j+1
+    even_c = w_cp * l_cp + (1.0 - w_cp) * l_cc
+    odd_c = 0.75 * l_cc + 0.25 * l_cn
+    even_n = w_cp * l_np + (1.0 - w_cp) * l_nc
+    odd_n = 0.75 * l_nc + 0.25 * l_nn
+    row0 = tl.join(w_rp * even_p + (1.0 - w_rp) * even_c, w_rp * odd_p + (1.0 - w_rp) * odd_c)
+    row1 = tl.join(0.75 * even_c + 0.25 * even_n, 0.75 * odd_c + 0.25 * odd_n)
+    return tl.reshape(row0, (BH, 2 * BW)), tl.reshape(row1, (BH, 2 * BW))
+
+
+@triton.jit
+def _down_level_kernel(
+    X_ptr,
+    LOW_ptr,
+    BAND_ptr,
+    C,
+    Hl,
+    Wl,
+    rows,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    # noising epilogue of the band (stage s of this level) ...
+    EPS_B_ptr,
+    sebb,
+    sebc,
+    sebh,
+    sebw,
+    T_B_ptr,
+    KEEP_B_ptr,
+    XT_B_ptr,
+    V_B_ptr,
+    counter_b,
+    # ... and of the low (stage 0, on the coarsest level)
+    EPS_L_ptr,
+    selb,
+    selc,
+    selh,
+    selw,
+    T_L_ptr,
+    KEEP_L_ptr,
+    XT_L_ptr,
+    V_L_ptr,
+    counter_l,
+    st,
+    seed,
+    STORE_LOW: tl.constexpr,
+    STORE_BAND: tl.constexpr,
+    NOISE_BAND: tl.constexpr,
+    NOISE_LOW: tl.constexpr,
+    PHILOX: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """One pyramid level: from x (B, C, 2 Hl, 2 Wl) the low (B, C, Hl, Wl) and the band x - up(low).
+
+    Each output is stored (contiguous) or noised on the fly into x_t and v, as the flags say.
+    """
+    DTYPE: tl.constexpr = X_ptr.dtype.element_ty
+    # Low rows run over (b, c, i) flattened, so one tile can span several small planes.
+    r = tl.program_id(0) * BH + tl.arange(0, BH)[:, None]  # (BH, 1) low row
+    j = tl.program_id(1) * BW + tl.arange(0, BW)[None, :]  # (1, BW) low column
+    k = tl.program_id(1) * (2 * BW) + tl.arange(0, 2 * BW)[None, :]  # (1, 2 BW) fine column
+    row_ok = r < rows
+    mask_l = row_ok & (j < Wl)
+    mask_f = row_ok & (k < 2 * Wl)
+    plane = r // Hl
+    i = r % Hl
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    base = b * sxb + c * sxc
+    # Halo indices, clamped into the image: every load is in bounds, edge weights do the rest.
+    i_p = tl.maximum(i - 1, 0)
+    i_n = tl.minimum(i + 1, Hl - 1)
+    jk = k // 2
+    k_p = 2 * tl.maximum(jk - 1, 0) + k % 2
+    k_n = 2 * tl.minimum(jk + 1, Wl - 1) + k % 2
+
+    x_top, x_bot = _fine_rows(X_ptr, base, i, k, sxh, sxw, mask_f)
+    l_cc = rounded(_pair_mean(x_top, x_bot, BH, BW), DTYPE)
+    l_pp = _mean2x2(X_ptr, base, i_p, k_p, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_pc = _mean2x2(X_ptr, base, i_p, k, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_pn = _mean2x2(X_ptr, base, i_p, k_n, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_cp = _mean2x2(X_ptr, base, i, k_p, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_cn = _mean2x2(X_ptr, base, i, k_n, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_np = _mean2x2(X_ptr, base, i_n, k_p, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_nc = _mean2x2(X_ptr, base, i_n, k, sxh, sxw, mask_f, DTYPE, BH, BW)
+    l_nn = _mean2x2(X_ptr, base, i_n, k_n, sxh, sxw, mask_f, DTYPE, BH, BW)
+    up0, up1 = _up2x(l_pp, l_pc, l_pn, l_cp, l_cc, l_cn, l_np, l_nc, l_nn, i, j, BH, BW)
+    band0 = rounded(x_top - up0, DTYPE)  # fine row 2i
+    band1 = rounded(x_bot - up1, DTYPE)  # fine row 2i+1
+
+    lin_l = r * Wl + j  # flat index in the contiguous low
+    lin_0 = (2 * r) * (2 * Wl) + k  # flat index of fine row 2i in the contiguous band
+    lin_1 = lin_0 + 2 * Wl
+    if STORE_LOW:
+        store_rounded(LOW_ptr + lin_l, l_cc, mask_l)
+    if STORE_BAND:
+        store_rounded(BAND_ptr + lin_0, band0, mask_f)
+        store_rounded(BAND_ptr + lin_1, band1, mask_f)
+    if NOISE_BAND:
+        t = tl.load(T_B_ptr + b * st, mask=row_ok, other=0.0)
+        keep = tl.load(KEEP_B_ptr + b * st, mask=row_ok, other=0.0)
+        e0 = b * sebb + c * sebc + (2 * i) * sebh + k * sebw
+        noise_epilogue(band0, lin_0, counter_b + lin_0, e0, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, seed, mask_f, PHILOX)
+        e1 = e0 + sebh
+        noise_epilogue(band1, lin_1, counter_b + lin_1, e1, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, seed, mask_f, PHILOX)
+    if NOISE_LOW:
+        t = tl.load(T_L_ptr + b * st, mask=row_ok, other=0.0)
+        keep = tl.load(KEEP_L_ptr + b * st, mask=row_ok, other=0.0)
+        e = b * selb + c * selc + i * selh + j * selw
+        noise_epilogue(l_cc, lin_l, counter_l + lin_l, e, t, keep, XT_L_ptr, V_L_ptr, EPS_L_ptr, seed, mask_l, PHILOX)
+
+
+@triton.jit
+def _up_add_kernel(
+    LOW_ptr,
+    BAND_ptr,
+    OUT_ptr,
+    C,
+    Hl,
+    Wl,
+    rows,
+    slb,
+    slc,
+    slh,
+    slw,
+    sbb,
+    sbc,
+    sbh,
+    sbw,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """One recomposition level: ``out = up(low) + band`` with out, band (B, C, 2 Hl, 2 Wl), out contiguous."""
+    r = tl.program_id(0) * BH + tl.arange(0, BH)[:, None]  # (BH, 1) coarse row over (b, c, i)
+    j = tl.program_id(1) * BW + tl.arange(0, BW)[None, :]  # (1, BW) coarse column
+    k = tl.program_id(1) * (2 * BW) + tl.arange(0, 2 * BW)[None, :]  # (1, 2 BW) fine column
+    row_ok = r < rows
+    mask_l = row_ok & (j < Wl)
+    mask_f = row_ok & (k < 2 * Wl)
+    plane = r // Hl
+    i = r % Hl
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    lb = LOW_ptr + b * slb + c * slc
+    row_p = tl.maximum(i - 1, 0) * slh
+    row_c = i * slh
+    row_n = tl.minimum(i + 1, Hl - 1) * slh
+    col_p = tl.maximum(j - 1, 0) * slw
+    col_c = j * slw
+    col_n = tl.minimum(j + 1, Wl - 1) * slw
+    l_pp = tl.load(lb + row_p + col_p, mask=mask_l, other=0.0).to(tl.float32)
+    l_pc = tl.load(lb + row_p + col_c, mask=mask_l, other=0.0).to(tl.float32)
+    l_pn = tl.load(lb + row_p + col_n, mask=mask_l, other=0.0).to(tl.float32)
+    l_cp = tl.load(lb + row_c + col_p, mask=mask_l, other=0.0).to(tl.float32)
+    l_cc = tl.load(lb + row_c + col_c, mask=mask_l, other=0.0).to(tl.float32)
+    l_cn = tl.load(lb + row_c + col_n, mask=mask_l, other=0.0).to(tl.float32)
+    l_np = tl.load(lb + row_n + col_p, mask=mask_l, other=0.0).to(tl.float32)
+    l_nc = tl.load(lb + row_n + col_c, mask=mask_l, other=0.0).to(tl.float32)
+    l_nn = tl.load(lb + row_n + col_n, mask=mask_l, other=0.0).to(tl.float32)
+    up0, up1 = _up2x(l_pp, l_pc, l_pn, l_cp, l_cc, l_cn, l_np, l_nc, l_nn, i, j, BH, BW)
+    bb = BAND_ptr + b * sbb + c * sbc + (2 * i) * sbh + k * sbw
+    band0 = tl.load(bb, mask=mask_f, other=0.0).to(tl.float32)
+    band1 = tl.load(bb + sbh, mask=mask_f, other=0.0).to(tl.float32)
+    lin_0 = (2 * r) * (2 * Wl) + k
+    store_rounded(OUT_ptr + lin_0, up0 + band0, mask_f)
+    store_rounded(OUT_ptr + lin_0 + 2 * Wl, up1 + band1, mask_f)
+
+
+# -- launchers ----------------------------------------------------------------------------------------
+
+
+def level_grid(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
+    """Grid and (BH, BW) tile of low pixels for a level with ``rows`` = B*C*Hl and ``cols`` = Wl."""
+    bh, bw = tile_shape(rows, cols, STENCIL_TILE)
+    return (triton.cdiv(rows, bh), triton.cdiv(cols, bw)), bh, bw
+
+
+def down_level(
+    cur: Tensor,
+    low: Tensor | None,
+    band: Tensor | None,
+    noise_band: tuple | None = None,
+    noise_low: tuple | None = None,
+    eps_band: Tensor | None = None,
+    eps_low: Tensor | None = None,
+    t_stride: int = 0,
+    seed: int = 0,
+    philox: bool = False,
+) -> None:
+    """Launch one decomposition level of ``cur`` (B, C, H, W) into contiguous ``low`` and ``band``.
+
+    ``noise_band`` / ``noise_low``, each ``(t, keep, x_t, v, counter_base)``, noise that output on the fly
+    instead of (or besides) storing it, with ``eps_band`` / ``eps_low`` or philox noise from ``seed``
+    (used by :mod:`dfm.kernels.pyramid_noise`). ``None`` outputs are neither stored nor noised.
+    """
+    B, C, H, W = cur.shape
+    Hl, Wl = H // 2, W // 2
+    rows = B * C * Hl
+    grid, bh, bw = level_grid(rows, Wl)
+    dummy = cur  # pointer for the arguments that the flags switch off
+    e_b = dummy if eps_band is None else eps_band
+    e_l = dummy if eps_low is None else eps_low
+    _down_level_kernel[grid](
+        cur,
+        dummy if low is None else low,
+        dummy if band is None else band,
+        C,
+        Hl,
+        Wl,
+        rows,
+        *cur.stride(),
+        e_b,
+        *e_b.stride(),
+        *(noise_band or (dummy, dummy, dummy, dummy, 0)),
+        e_l,
+        *e_l.stride(),
+        *(noise_low or (dummy, dummy, dummy, dummy, 0)),
+        t_stride,
+        seed,
+        STORE_LOW=low is not None,
+        STORE_BAND=band is not None,
+        NOISE_BAND=noise_band is not None,
+        NOISE_LOW=noise_low is not None,
+        PHILOX=philox,
+        BH=bh,
+        BW=bw,
+        num_warps=STENCIL_WARPS,
+    )
+
+
+def decompose(x: Tensor, stages: int) -> list[Tensor]:
+    """Fused :func:`decompose_ref`: one launch per level; bands are contiguous, in ``x``'s dtype.
+
+    With one stage the pyramid is ``[x]`` itself, as in the reference.
+    """
+    check_pyramid_input(x, stages)
+    if x.numel() > MAX_NUMEL:
+        raise ValueError(f"{x.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
+    bands, cur = [], x
+    for _ in range(stages - 1):
+        B, C, H, W = cur.shape
+        low = torch.empty((B, C, H // 2, W // 2), dtype=x.dtype, device=x.device)
+        band = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
+        down_level(cur, low, band)
+        bands.append(band)
+        cur = low
+    bands.append(cur)
+    return bands[::-1]
+
+
+def recompose(bands: list[Tensor]) -> Tensor:
+    """Fused :func:`recompose_ref`: one ``up(cur) + band`` launch per level; the output is contiguous."""
+    cur = bands[0]
+    for band in bands[1:]:
+        B, C, Hl, Wl = cur.shape
+        if band.shape != (B, C, 2 * Hl, 2 * Wl):
+            raise ValueError(
+                f"band of shape {tuple(band.shape)} does not follow a level of shape {tuple(cur.shape)} (expected 2x)"
+            )
+        if band.dtype != cur.dtype:
+            raise ValueError(f"bands must share one dtype, got {cur.dtype} and {band.dtype}")
+        if band.numel() > MAX_NUMEL:
+            raise ValueError(f"{band.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
+        out = torch.empty(band.shape, dtype=band.dtype, device=band.device)
+        rows = B * C * Hl
+        grid, bh, bw = level_grid(rows, Wl)
+        _up_add_kernel[grid](
+            cur, band, out, C, Hl, Wl, rows, *cur.stride(), *band.stride(), BH=bh, BW=bw, num_warps=STENCIL_WARPS
+        )
+        cur = out
+    return cur
