@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dfm",
@@ -7,14 +7,14 @@ setup(
     python_requires=">=3.10",
     # kernels/ and launch/ live at the top of the repository but install inside the dfm namespace:
     # a top-level "kernels" would clash with the PyPI package of that name.
-    packages=["dfm", "dfm.kernels", "dfm.launch"],
+    packages=find_packages(include=["dfm", "dfm.*"]) + ["dfm.kernels", "dfm.launch"],
     package_dir={"dfm": "dfm", "dfm.kernels": "kernels", "dfm.launch": "launch"},
     install_requires=[
         "torch>=2.4",
         "numpy",
         "triton",
         "deepspeed>=0.16",
-        "nvidia-dali-cuda120",
+        "nvidia-dali-cuda130",  # imports without a GPU; CPU pipelines run anywhere
         "pyyaml",
         "safetensors",
         "tqdm",

@@ -78,3 +78,19 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert again == cfg
+
+
+def test_latent_store_must_match_the_config(tmp_path):
+    import numpy as np
+
+    from dfm.data import check_store_matches
+    from dfm.data.latents import write_store
+
+    moments = np.concatenate([np.zeros((8, 4, 16, 16)), np.ones((8, 4, 16, 16))], axis=1).astype(np.float32)
+    write_store(tmp_path / "store", moments, np.arange(8) % 10, num_classes=10)
+    base = [f"data.data_dir={tmp_path / 'store'}", "data.kind=latents", "data.num_classes=10"]
+    check_store_matches(load_config(None, base + ["data.resolution=16", "data.channels=4"]).data)
+    with pytest.raises(ConfigError, match=r"'data.resolution' is 32 but the latent store .* has 16"):
+        check_store_matches(load_config(None, base + ["data.resolution=32", "data.channels=4"]).data)
+    with pytest.raises(ConfigError, match=r"'data.channels' is 3 but the latent store .* has 4"):
+        check_store_matches(load_config(None, base + ["data.resolution=16", "data.channels=3"]).data)

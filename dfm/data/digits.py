@@ -27,42 +27,69 @@ def load_digits_tensor(resolution: int = 16) -> tuple[Tensor, Tensor]:
 
 
 class InMemoryLoader:
-    """Endless, per-rank sharded, per-epoch shuffled batches over tensors held in memory.
+    """Endless batches over tensors held in memory; the ranks' micro-batches are slices of one global batch.
 
-    Epoch e uses the permutation drawn from ``seed + e``; rank r takes every world_size-th index of it
-    (disjoint shards covering the set, up to the remainder that is dropped so all ranks see equal counts).
-    ``state_dict`` (epoch, position) resumes exactly mid-epoch.
+    Epoch ``e`` draws a permutation of the data set from ``seed + e`` and cuts it into global batches of
+    ``G = micro_batch * world_size * accum_steps`` items (a remainder of fewer than G items is dropped, so
+    every rank sees the same count). Micro-batch ``j`` of rank ``r`` in global batch ``b`` is the slice
+    ``slot = r * accum_steps + j`` of it: ``perm[b*G + slot*m : b*G + (slot+1)*m]``. Ranks therefore never
+    share a sample within an epoch, and the global batch of a step -- its composition and its order by
+    slot -- is the same for any split of ``G`` into ranks, accumulation steps and micro batch; with the same
+    micro batch ``m`` each slot holds the same samples too, so one rank accumulating two micro-batches sees
+    exactly what two ranks see in one step.
+
+    ``state_dict`` (epoch, global batches done, micro-batches done in the current one) resumes exactly
+    mid-epoch; at a step boundary it is the same on every rank and for every layout, so a checkpoint taken
+    with one world size resumes the data stream at another.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if micro_batch < 1:
-            raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        accum_steps: int = 1,
+    ):
+        if micro_batch < 1 or accum_steps < 1:
+            raise ValueError(f"micro batch and accumulation steps must be >= 1, got {micro_batch}, {accum_steps}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.x, self.y = x, y
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
-        self.per_rank = len(x) // world_size
-        if self.per_rank < micro_batch:
+        self.accum_steps = accum_steps
+        self.global_batch = micro_batch * world_size * accum_steps
+        self.batches_per_epoch = len(x) // self.global_batch
+        if self.batches_per_epoch < 1:
             raise ValueError(
-                f"data set of {len(x)} items gives {self.per_rank} per rank over {world_size} ranks, "
-                f"fewer than the micro batch {micro_batch}"
+                f"data set of {len(x)} items is smaller than one global batch of {self.global_batch} "
+                f"(micro batch {micro_batch} x {world_size} ranks x {accum_steps} accumulation steps)"
             )
-        self.epoch, self.position = 0, 0
+        self.epoch, self.batch, self.micro = 0, 0, 0
 
-    def _shard(self, epoch: int) -> Tensor:
+    def _permutation(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self.x), generator=g)
-        return perm[self.rank :: self.world_size][: self.per_rank]
+        return torch.randperm(len(self.x), generator=g)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        m, perm, perm_epoch = self.micro_batch, None, None
         while True:
-            shard = self._shard(self.epoch)
-            while self.position + self.micro_batch <= len(shard):
-                idx = shard[self.position : self.position + self.micro_batch]
-                self.position += self.micro_batch
-                yield self.x[idx], self.y[idx]
-            self.epoch, self.position = self.epoch + 1, 0
+            if perm_epoch != self.epoch:
+                perm, perm_epoch = self._permutation(self.epoch), self.epoch
+            start = self.batch * self.global_batch + (self.rank * self.accum_steps + self.micro) * m
+            idx = perm[start : start + m]
+            # advance before yielding, so that the state read after a step is already the next step's
+            self.micro += 1
+            if self.micro == self.accum_steps:
+                self.batch, self.micro = self.batch + 1, 0
+                if self.batch == self.batches_per_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+            yield self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.batch, self.micro = int(state["epoch"]), int(state["batch"]), int(state["micro"])

@@ -1,0 +1,667 @@
+"""Latent store and the loaders that feed VAE latents to every rank.
+
+A store holds SD-VAE encoder moments, ``concat([mean, std])`` of shape ``(2C, h, w)`` per image, and one class
+label per image. Training draws the posterior sample ``x = (mean + std * n) * scale`` with ``n ~ N(0, I)`` and
+``scale = 0.18215`` (the SD-VAE scaling factor), as the seed does. Two layouts are read:
+
+* **packed** (written by ``dfm prepare encode``): ``manifest.json`` + ``moments.npy`` ``(N, 2C, h, w)`` float16 or
+  float32, memory-mapped, + ``labels.npy`` ``(N,)`` int64. A rank reads its shard by fancy-indexing one file
+  instead of opening hundreds of thousands of small files.
+* **files** (the seed's / EDM2's layout): ``dataset.json`` ``{"labels": [[relative_path, label], ...]}`` and one
+  ``(2C, h, w)`` ``.npy`` per image; an optional ``manifest.json`` with ``"layout": "files"`` gives shape, dtype and
+  class count, otherwise they are read from the first file.
+
+``data_dir`` may be the store itself or its parent holding ``vae-sd/`` (the seed's ``--data-dir`` habit).
+
+Sample order is the same for every loader (:class:`ShardedStream`): epoch ``e`` visits one permutation of all
+``N`` samples drawn from ``(seed, e)``; the epochs' permutations, concatenated, are cut into global batches of
+``micro_batch * world_size * accum_steps`` and every rank reads its own slots of each global batch. Shards are
+disjoint, every epoch is covered (nothing dropped or padded), and the state at a step boundary,
+``{"samples_seen": ...}``, is the same on every rank and resumes at any world size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+LATENT_SCALE = 0.18215  # SD-VAE scaling factor: training latents are (mean + std * n) * 0.18215
+MANIFEST = "manifest.json"
+MOMENTS = "moments.npy"
+LABELS = "labels.npy"
+FILES_INDEX = "dataset.json"  # the seed's / EDM2's per-file index: {"labels": [[relative_path, label], ...]}
+STORE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+class StoreError(ValueError):
+    """A latent store that cannot be trained on; the message names the offending file."""
+
+
+class Loader(Protocol):
+    """What the training loop relies on: an endless batch stream with a resumable position."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Store
+
+
+@dataclass
+class LatentStore:
+    """An opened latent store: metadata, labels in memory, moments read on demand.
+
+    The moments memory map is opened lazily and dropped when pickled, so a store can be handed to DataLoader
+    workers or DALI's Python workers (each maps the file itself).
+    """
+
+    root: Path
+    layout: str  # "packed" or "files"
+    count: int
+    shape: tuple[int, int, int]  # per-sample moments shape (2C, h, w)
+    dtype: np.dtype
+    num_classes: int
+    labels: np.ndarray  # (N,) int64
+    scale: float = LATENT_SCALE
+    stats: dict | None = None
+    files: list[str] | None = None  # files layout: paths relative to root, in label order
+    manifest: dict = field(default_factory=dict)
+    _moments: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def channels(self) -> int:
+        """Latent channels C (the moments hold 2C: mean then std)."""
+        return self.shape[0] // 2
+
+    @property
+    def moments_path(self) -> Path:
+        return self.root / self.manifest.get("moments", MOMENTS)
+
+    @property
+    def moments(self) -> np.ndarray:
+        """The packed moments as a read-only memory map ``(N, 2C, h, w)``."""
+        if self.layout != "packed":
+            raise AttributeError("only a packed store has a single moments array")
+        if self._moments is None:
+            self._moments = np.load(self.moments_path, mmap_mode="r")
+        return self._moments
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Moments of the given samples, ``(len(indices), 2C, h, w)`` in the store dtype, in the given order."""
+        if self.layout == "packed":
+            # One fancy-indexed read. Sorting first buys nothing: a shuffled batch of a large store is scattered
+            # across the file either way, and the argsort and scatter cost more than they save from the page cache.
+            return self.moments[indices]
+        out = np.empty((len(indices), *self.shape), dtype=self.dtype)
+        for j, i in enumerate(indices):
+            out[j] = self.read_file(int(i))
+        return out
+
+    def read_file(self, i: int) -> np.ndarray:
+        """One sample of a files-layout store, checked against the store's shape and dtype."""
+        path = self.root / self.files[i]
+        try:
+            m = np.load(path)
+        except FileNotFoundError:
+            raise StoreError(f"missing latent file {path}") from None
+        except Exception as e:  # numpy raises ValueError/OSError/EOFError/UnpicklingError on corrupt files
+            raise StoreError(f"corrupt latent file {path}: {e}") from e
+        if m.shape != self.shape or m.dtype != self.dtype:
+            raise StoreError(
+                f"latent file {path} has shape {m.shape} and dtype {m.dtype}, expected {self.shape} {self.dtype}"
+            )
+        return m
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_moments"] = None
+        return state
+
+
+def resolve_store_dir(data_dir: str | Path) -> Path:
+    """The directory holding the store: ``data_dir`` itself, or ``data_dir/vae-sd`` as in the seed's layout."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise StoreError(f"latent store directory {root} does not exist")
+    if not (root / MANIFEST).exists() and not (root / FILES_INDEX).exists() and (root / "vae-sd").is_dir():
+        root = root / "vae-sd"
+    return root
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise StoreError(f"corrupt JSON in {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _open_npy(path: Path, what: str) -> np.ndarray:
+    if not path.exists():
+        raise StoreError(f"missing {what} file {path}")
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # bad magic, bad header, truncated data (mmap longer than the file)
+        raise StoreError(f"corrupt {what} file {path}: {e}") from e
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: Path) -> np.ndarray:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise StoreError(f"labels in {where} have dtype {labels.dtype}, expected an integer dtype")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+            raise StoreError(
+                f"labels in {where} out of range [0, {num_classes}): sample {bad} has label {int(labels[bad])}"
+            )
+    return labels
+
+
+def open_store(data_dir: str | Path) -> LatentStore:
+    """Open a packed or files-layout store, checking its metadata (not every sample; see :func:`validate_store`)."""
+    root = resolve_store_dir(data_dir)
+    manifest_path = root / MANIFEST
+    manifest = _read_json(manifest_path) if manifest_path.exists() else {}
+    layout = manifest.get("layout", "packed" if manifest else "files")
+    if layout == "packed":
+        return _open_packed(root, manifest)
+    if layout == "files":
+        return _open_files(root, manifest)
+    raise StoreError(f"{manifest_path}: unknown layout {layout!r}, expected 'packed' or 'files'")
+
+
+def _open_packed(root: Path, manifest: dict) -> LatentStore:
+    where = root / MANIFEST
+    missing = [k for k in ("count", "shape", "dtype", "num_classes") if k not in manifest]
+    if missing:
+        raise StoreError(f"{where} lacks the keys {missing}")
+    count, shape = int(manifest["count"]), tuple(int(s) for s in manifest["shape"])
+    dtype, num_classes = np.dtype(manifest["dtype"]), int(manifest["num_classes"])
+    if len(shape) != 3 or shape[0] % 2:
+        raise StoreError(f"{where}: moments shape {list(shape)} must be (2C, h, w)")
+    moments_path = root / manifest.get("moments", MOMENTS)
+    moments = _open_npy(moments_path, "moments")
+    if moments.shape != (count, *shape):
+        raise StoreError(f"{moments_path} has shape {moments.shape}, the manifest says {(count, *shape)}")
+    if moments.dtype not in STORE_DTYPES:
+        raise StoreError(f"{moments_path} has dtype {moments.dtype}; a latent store holds float16 or float32")
+    if moments.dtype != dtype:
+        raise StoreError(f"{moments_path} has dtype {moments.dtype}, the manifest says {dtype}")
+    labels_path = root / manifest.get("labels", LABELS)
+    labels = _open_npy(labels_path, "labels")
+    if labels.shape != (count,):
+        raise StoreError(f"{labels_path} has shape {labels.shape}, expected ({count},)")
+    labels = _check_labels(np.array(labels), num_classes, labels_path)
+    return LatentStore(
+        root=root,
+        layout="packed",
+        count=count,
+        shape=shape,
+        dtype=dtype,
+        num_classes=num_classes,
+        labels=labels,
+        scale=float(manifest.get("scale", LATENT_SCALE)),
+        stats=manifest.get("stats"),
+        manifest=manifest,
+        _moments=moments,
+    )
+
+
+def _open_files(root: Path, manifest: dict) -> LatentStore:
+    index_path = root / FILES_INDEX
+    if not index_path.exists():
+        raise StoreError(f"{root} holds no {MANIFEST} or {FILES_INDEX}: not a latent store")
+    entries = _read_json(index_path).get("labels")
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 for e in entries):
+        raise StoreError(f"{index_path}: 'labels' must be a list of [relative_path, label] pairs")
+    files = [str(name) for name, _ in entries]
+    raw_labels = np.array([label for _, label in entries])
+    if raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer):
+        raise StoreError(f"labels in {index_path} must be integers, found dtype {raw_labels.dtype}")
+    labels = raw_labels.astype(np.int64)
+    store = LatentStore(
+        root=root,
+        layout="files",
+        count=len(files),
+        shape=(0, 0, 0),
+        dtype=np.dtype(np.float32),
+        num_classes=0,
+        labels=labels,
+        files=files,
+        manifest=manifest,
+    )
+    if manifest:
+        missing = [k for k in ("shape", "dtype", "num_classes") if k not in manifest]
+        if missing:
+            raise StoreError(f"{root / MANIFEST} lacks the keys {missing}")
+        store.shape = tuple(int(s) for s in manifest["shape"])
+        store.dtype = np.dtype(manifest["dtype"])
+        store.num_classes = int(manifest["num_classes"])
+        store.scale = float(manifest.get("scale", LATENT_SCALE))
+        store.stats = manifest.get("stats")
+    elif files:
+        # No manifest (a seed-made store): the first file sets shape and dtype; classes from the labels.
+        first = _open_npy(root / files[0], "latent")
+        store.shape, store.dtype = tuple(first.shape), first.dtype
+        store.num_classes = int(labels.max()) + 1 if labels.size else 0
+    if files and (len(store.shape) != 3 or store.shape[0] % 2 or store.dtype not in STORE_DTYPES):
+        raise StoreError(f"{root / files[0]}: moments of shape {store.shape} {store.dtype} are not (2C, h, w) float")
+    store.labels = _check_labels(labels, store.num_classes, index_path)
+    return store
+
+
+def validate_store(data_dir: str | Path, world_size: int = 1, deep: bool = False) -> LatentStore:
+    """Check a store before training starts and return it opened; raise :class:`StoreError` naming the file.
+
+    Always checked: the manifest/index, the moments and labels files (presence, readable header, full size,
+    shape, dtype), labels in ``[0, num_classes)``, a non-empty shard for every one of ``world_size`` ranks, and
+    for the files layout that every listed file exists. ``deep`` also reads every sample: each per-image file's
+    header, and non-finite means or negative/non-finite standard deviations anywhere.
+    """
+    store = open_store(data_dir)
+    where = store.moments_path if store.layout == "packed" else store.root / FILES_INDEX
+    if store.count == 0:
+        raise StoreError(f"{where} holds no samples: the store is empty")
+    if world_size > store.count:
+        raise StoreError(
+            f"{where} holds {store.count} samples, fewer than the {world_size} ranks: some rank's shard is empty"
+        )
+    if store.layout == "files":
+        present = _listed_files_present(store)
+        missing = [name for name in store.files if name not in present]
+        if missing:
+            raise StoreError(f"missing latent file {store.root / missing[0]} ({len(missing)} of {store.count} missing)")
+        if deep:
+            for i in range(store.count):
+                _check_finite(store.read_file(i)[None], store, store.root / store.files[i])
+    elif deep:
+        chunk = max(1, (64 << 20) // (store.moments[0].nbytes or 1))  # ~64 MiB per read
+        for start in range(0, store.count, chunk):
+            _check_finite(np.asarray(store.moments[start : start + chunk]), store, store.moments_path, start)
+    return store
+
+
+def _listed_files_present(store: LatentStore) -> set[str]:
+    # One directory listing per folder instead of one stat per file: far cheaper for a million files.
+    present: set[str] = set()
+    for folder in sorted({str(Path(name).parent) for name in store.files}):
+        d = store.root / folder
+        if d.is_dir():
+            prefix = "" if folder == "." else folder + "/"
+            present.update(prefix + e.name for e in d.iterdir())
+    return present
+
+
+def _check_finite(m: np.ndarray, store: LatentStore, path: Path, start: int = 0) -> None:
+    mean, std = m[:, : store.channels], m[:, store.channels :]
+    bad = ~np.isfinite(mean).reshape(len(m), -1).all(1) | ~(np.isfinite(std) & (std >= 0)).reshape(len(m), -1).all(1)
+    if bad.any():
+        raise StoreError(f"{path}: sample {start + int(np.flatnonzero(bad)[0])} has non-finite moments or std < 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sample order and the posterior draw, shared by both loaders
+
+
+class ShardedStream:
+    """Which samples rank ``rank`` reads, micro-batch by micro-batch.
+
+    The global stream is one seeded permutation of all ``N`` samples per epoch, epochs concatenated. It is cut
+    into global batches of ``G = micro_batch * world_size * accum_steps`` positions; micro-batch ``j`` of rank
+    ``r`` in a global batch is slot ``r * accum_steps + j`` of it, ``micro_batch`` consecutive positions. So the
+    ranks' shards are disjoint and together cover every epoch (a global batch may straddle two epochs; nothing
+    is dropped or padded), and a global batch does not depend on how ``G`` is split into ranks and accumulation
+    steps: a run resumes at another world size with the same global stream.
+
+    Positions count from ``offset`` (the global samples consumed before this loader started); ``k`` numbers
+    this rank's micro-batches from there.
+    """
+
+    def __init__(self, count: int, rank: int, world_size: int, seed: int, micro_batch: int, accum_steps: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if micro_batch < 1 or accum_steps < 1:
+            raise ValueError(f"micro_batch and accum_steps must be positive, got {micro_batch} and {accum_steps}")
+        if count < world_size:
+            raise StoreError(f"{count} samples cannot give each of {world_size} ranks a non-empty shard")
+        self.count, self.rank, self.world_size, self.seed = count, rank, world_size, seed
+        self.micro_batch, self.accum_steps = micro_batch, accum_steps
+        self.global_batch = micro_batch * world_size * accum_steps
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """The global visiting order of epoch ``epoch`` (store indices), the same on every rank."""
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return self._perm
+
+    def indices(self, start: int, n: int) -> np.ndarray:
+        """Store indices at global positions ``[start, start + n)``; may straddle epochs."""
+        out, filled = np.empty(n, dtype=np.int64), 0
+        while filled < n:
+            epoch, pos = divmod(start + filled, self.count)
+            take = min(n - filled, self.count - pos)
+            out[filled : filled + take] = self.epoch_permutation(epoch)[pos : pos + take]
+            filled += take
+        return out
+
+    def micro_start(self, offset: int, k: int) -> int:
+        """Global position of this rank's ``k``-th micro-batch after ``offset``."""
+        b, j = divmod(k, self.accum_steps)
+        return offset + b * self.global_batch + (self.rank * self.accum_steps + j) * self.micro_batch
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """Seed of the posterior noise of the micro-batch at global position ``start``: rank-independent, so a
+    global batch draws the same noise however it is split into ranks (for one micro-batch size)."""
+    return int(np.random.SeedSequence([seed, start, 0x9E3779B9]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sample_posterior(moments: Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None) -> Tensor:
+    """Draw ``(mean + std * n) * scale`` from moments ``(B, 2C, h, w)``; float32 out whatever the store dtype."""
+    mean, std = moments.float().chunk(2, dim=1)
+    n = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return n.mul_(std).add_(mean).mul_(scale)  # (mean + std * n) * scale, in place: no temporaries
+
+
+class _StreamState:
+    """``state_dict`` / ``load_state_dict`` shared by both loaders.
+
+    The position is ``offset`` (global samples consumed when this loader started) plus ``k`` micro-batches of
+    this rank since then. At a step boundary the state is the same on every rank and for every split of the
+    global batch, which is what lets a checkpoint resume at another world size.
+    """
+
+    stream: ShardedStream
+    store: LatentStore
+    offset: int
+    k: int
+
+    def state_dict(self) -> dict:
+        steps, micro = divmod(self.k, self.stream.accum_steps)
+        samples_seen = self.offset + steps * self.stream.global_batch  # global samples of the completed steps
+        epoch, position = divmod(samples_seen, self.store.count)
+        return {
+            "samples_seen": samples_seen,
+            "micro": micro,  # micro-batches of an unfinished accumulation (0 at a step boundary)
+            "epoch": epoch,  # samples_seen as (epoch, position in its permutation)
+            "position": position,
+            "global_batch": self.stream.global_batch,
+            "world_size": self.stream.world_size,
+            "seed": self.stream.seed,
+            "count": self.store.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("count", self.store.count), ("seed", self.stream.seed)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]}, this loader has {key}={mine}: cannot resume")
+        micro = int(state.get("micro", 0))
+        layout = (state.get("global_batch"), state.get("world_size"))
+        if micro and layout != (self.stream.global_batch, self.stream.world_size):
+            raise ValueError(
+                f"loader state stops {micro} micro-batches into an accumulation of global batch {layout[0]} on "
+                f"{layout[1]} ranks; this loader has {self.stream.global_batch} on {self.stream.world_size}: "
+                "resume at a step boundary to change the layout"
+            )
+        if "samples_seen" in state:
+            self.offset = int(state["samples_seen"])
+        else:
+            self.offset = int(state["epoch"]) * self.store.count + int(state["position"])
+        self.k = micro
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch DataLoader loader (the fallback)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item ``start`` is the whole micro-batch at global position ``start``.
+
+    Batches are gathered in one fancy-indexed read of the memory map rather than ``micro_batch`` item reads
+    and a collate. With ``draw`` the posterior sample is drawn here (in the worker); otherwise the moments are
+    returned and the caller draws on its device.
+    """
+
+    def __init__(self, store: LatentStore, stream: ShardedStream, draw: bool):
+        self.store, self.stream, self.draw = store, stream, draw
+
+    def __getitem__(self, start: int) -> tuple[Tensor, Tensor, int]:
+        idx = self.stream.indices(start, self.stream.micro_batch)
+        moments = torch.from_numpy(self.store.gather(idx))
+        y = torch.from_numpy(self.store.labels[idx])
+        if self.draw:
+            g = torch.Generator().manual_seed(batch_seed(self.stream.seed, start))
+            return sample_posterior(moments, self.store.scale, g), y, start
+        return moments, y, start
+
+
+class TorchLatentLoader(_StreamState):
+    """Endless loader over a latent store built on ``torch.utils.data.DataLoader``.
+
+    The noise of each micro-batch is seeded by ``(seed, global position)``, so a resumed run reproduces the
+    uninterrupted one exactly, noise included, whatever ``num_workers`` is. On CUDA the moments travel pinned
+    and the posterior is drawn on the device; on CPU the workers draw it.
+    """
+
+    def __init__(
+        self,
+        store: LatentStore,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 2,
+        device: str | torch.device = "cpu",
+        accum_steps: int = 1,
+        prefetch_factor: int = 2,
+    ):
+        self.store, self.micro_batch = store, micro_batch
+        self.stream = ShardedStream(store.count, rank, world_size, seed, micro_batch, accum_steps)
+        self.num_workers, self.device, self.prefetch_factor = num_workers, torch.device(device), prefetch_factor
+        self.offset, self.k = 0, 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        on_cuda = self.device.type == "cuda"
+        offset, k0 = self.offset, self.k
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(self.store, self.stream, draw=not on_cuda),
+            batch_size=None,  # items are already batches
+            sampler=(self.stream.micro_start(offset, k) for k in itertools.count(k0)),
+            num_workers=self.num_workers,
+            pin_memory=on_cuda,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        )
+        generator = torch.Generator(self.device) if on_cuda else None
+        for out, y, start in loader:
+            if on_cuda:
+                generator.manual_seed(batch_seed(self.stream.seed, start))
+                out = sample_posterior(out.to(self.device, non_blocking=True), self.store.scale, generator)
+                y = y.to(self.device, non_blocking=True)
+            self.k += 1  # the caller holds this batch from here on
+            yield out, y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loader selection
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI and its PyTorch plugin import."""
+    from dfm.data import dali
+
+    return dali.pipeline_def is not None
+
+
+_warned_fallback = False
+
+
+def use_dali(loader: str, device: str | torch.device) -> bool:
+    """The one predicate choosing DALI over the PyTorch DataLoader.
+
+    ``"dali"`` insists (error if DALI is missing), ``"torch"`` never uses it, ``"auto"`` uses DALI when it
+    imports and the batches go to a CUDA device: there DALI draws the posterior with GPU operators. On CPU the
+    DataLoader with two workers delivered 3-6x the samples/s of DALI's CPU pipeline on the packed store
+    (``benchmarks/bench_loader.py``, 2-core AMD EPYC), so ``auto`` keeps the DataLoader there.
+    """
+    global _warned_fallback
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {loader!r}")
+    if loader == "torch":
+        return False
+    available = dali_available()
+    if loader == "dali":
+        if not available:
+            raise RuntimeError(
+                "loader='dali' was asked for but nvidia.dali does not import (pip install nvidia-dali-*)"
+            )
+        return True
+    on_cuda = torch.device(device).type == "cuda"
+    if not (available and on_cuda) and not _warned_fallback:
+        why = "DALI does not import" if not available else "the device is not CUDA"
+        log.info("latent loader: using the PyTorch DataLoader (%s)", why)
+        _warned_fallback = True
+    return available and on_cuda
+
+
+def build_latent_loader(
+    data_dir: str | Path,
+    micro_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    loader: str = "auto",
+    num_workers: int = 2,
+    device: str | torch.device | None = "cpu",
+    accum_steps: int = 1,
+    deep_validate: bool = False,
+    **kwargs: Any,
+) -> Loader:
+    """Validate the store at ``data_dir`` (errors name the file, before training starts) and build this rank's
+    endless loader: DALI or the PyTorch DataLoader as :func:`use_dali` decides. ``accum_steps`` (gradient
+    accumulation) shapes the global batch, see :class:`ShardedStream`; ``kwargs`` go to the loader."""
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be positive, got {micro_batch}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    store = validate_store(data_dir, world_size=world_size, deep=deep_validate)
+    if use_dali(loader, device):
+        from dfm.data.dali import DaliLatentLoader
+
+        return DaliLatentLoader(store, micro_batch, rank, world_size, seed, num_workers, device, accum_steps, **kwargs)
+    return TorchLatentLoader(store, micro_batch, rank, world_size, seed, num_workers, device, accum_steps, **kwargs)
+
+
+def write_store(
+    root: str | Path,
+    moments: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    layout: str = "packed",
+    scale: float = LATENT_SCALE,
+    extra: dict | None = None,
+) -> Path:
+    """Write an in-memory ``(N, 2C, h, w)`` moments array and labels as a store (packed or files layout).
+
+    The manifest is written last, so its presence marks a complete store. Used by tests, benchmarks and by
+    ``dfm prepare encode`` for small stores; large stores are packed chunk by chunk by :mod:`dfm.data.prepare`.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    moments, labels = np.asarray(moments), np.asarray(labels, dtype=np.int64)
+    manifest = {
+        "format": "dfm-latents",
+        "version": 1,
+        "layout": layout,
+        "count": len(moments),
+        "shape": list(moments.shape[1:]),
+        "dtype": str(moments.dtype),
+        "num_classes": int(num_classes),
+        "scale": scale,
+        "stats": latent_stats(moments),
+        **(extra or {}),
+    }
+    if layout == "packed":
+        np.save(root / MOMENTS, moments)
+        np.save(root / LABELS, labels)
+        manifest.update(moments=MOMENTS, labels=LABELS)
+    elif layout == "files":
+        entries = []
+        for i, (m, y) in enumerate(zip(moments, labels)):
+            name = f"{i:08d}"[:5] + f"/img-mean-std-{i:08d}.npy"
+            (root / name).parent.mkdir(exist_ok=True)
+            np.save(root / name, m)
+            entries.append([name, int(y)])
+        with open(root / FILES_INDEX, "w") as f:
+            json.dump({"labels": entries}, f)
+    else:
+        raise ValueError(f"layout must be 'packed' or 'files', got {layout!r}")
+    write_json_atomic(root / MANIFEST, manifest)
+    return root
+
+
+def latent_stats(moments: np.ndarray, accum: dict | None = None) -> dict:
+    """Per-channel mean and std of the unscaled posterior latent ``z = mean + std * n`` over a moments array.
+
+    Exact, not sampled: ``E[z] = E[mean]`` and ``Var[z] = E[mean^2] + E[std^2] - E[z]^2`` (float64 sums).
+    """
+    acc = accum if accum is not None else latent_stats_accumulator()
+    update_latent_stats(acc, moments)
+    return finish_latent_stats(acc)
+
+
+def latent_stats_accumulator() -> dict:
+    """Empty float64 sums for :func:`update_latent_stats`."""
+    return {"n": 0, "s1": None, "s2": None}
+
+
+def update_latent_stats(acc: dict, moments: np.ndarray) -> None:
+    """Add a ``(B, 2C, h, w)`` moments chunk to the sums."""
+    if len(moments) == 0:
+        return
+    c = moments.shape[1] // 2
+    m = np.asarray(moments, dtype=np.float64)
+    mean, std = m[:, :c], m[:, c:]
+    s1 = mean.sum(axis=(0, 2, 3))
+    s2 = (mean * mean + std * std).sum(axis=(0, 2, 3))
+    acc["s1"] = s1 if acc["s1"] is None else acc["s1"] + s1
+    acc["s2"] = s2 if acc["s2"] is None else acc["s2"] + s2
+    acc["n"] += mean.shape[0] * mean.shape[2] * mean.shape[3]
+
+
+def finish_latent_stats(acc: dict) -> dict:
+    """``{"mean": [C], "std": [C], "of": ...}`` from the sums."""
+    if not acc["n"]:
+        return {"mean": [], "std": [], "of": "z = mean + std * n, before scaling"}
+    mu = acc["s1"] / acc["n"]
+    var = np.maximum(acc["s2"] / acc["n"] - mu * mu, 0.0)
+    return {"mean": mu.tolist(), "std": np.sqrt(var).tolist(), "of": "z = mean + std * n, before scaling"}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file (the temporary name
+    carries the process id: several ranks may write the same file at once)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    tmp.replace(path)
