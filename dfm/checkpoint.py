@@ -6,6 +6,14 @@ optimizer, ZeRO shards), ``ema.safetensors`` (the EMA weights, loadable without 
 Every rank writes into ``checkpoints/.staging/<tag>``; only when all have finished does rank 0 rename
 the directory into place and then replace the ``latest`` pointer, each an atomic ``os.replace``. A save
 interrupted at any point therefore leaves the previous checkpoint, and the pointer to it, untouched.
+
+The engine state is DeepSpeed's own: ZeRO shards per rank (``zero_pp_rank_<r>_*optim_states.pt``) and the
+model-state file. Resuming at another world size (or after a ZeRO-1/2/3 run lost or gained ranks) goes
+through DeepSpeed's universal checkpoint: :func:`to_universal` converts the shards once, into
+``<checkpoint>/universal`` (``deepspeed.checkpoint.ds_to_universal``), and the engine, built with
+``checkpoint.load_universal``, repartitions them (:func:`needs_universal` decides). A ZeRO-0 checkpoint
+holds the full optimizer state and loads at any world size directly. Everything else is layout-free:
+the EMA is saved whole, and the step and data position are the same on every rank at a step boundary.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 STAGING = ".staging"
+UNIVERSAL = "universal"
 
 
 def _barrier() -> None:
@@ -81,12 +92,16 @@ def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
     engine,
-    ema: torch.nn.Module,
+    ema,
     trainer_state: dict,
     config_yaml: str,
     keep: int = 2,
 ) -> Path:
-    """Save engine, EMA, per-rank trainer state and config as ``<ckpt_root>/<step:07d>``, atomically."""
+    """Save engine, EMA, per-rank trainer state and config as ``<ckpt_root>/<step:07d>``, atomically.
+
+    ``ema`` has ``state_dict()`` giving the full weights on rank 0 (``dfm.train.ModelEMA``, or
+    ``ZeRO3EMA``, for which it is a collective: every rank calls it here).
+    """
     ckpt_root = Path(ckpt_root)
     tag = f"{step:07d}"
     staging = ckpt_root / STAGING
@@ -97,8 +112,9 @@ def save_checkpoint(
     _barrier()
     engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
     torch.save(trainer_state, staging / tag / f"trainer_rank{rank}.pt")
+    weights = ema.state_dict()
     if rank == 0:
-        weights = {k: v.detach().float().contiguous() for k, v in ema.state_dict().items()}
+        weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
         save_file(weights, staging / tag / "ema.safetensors")
         (staging / tag / "config.yaml").write_text(config_yaml)
     _barrier()
@@ -120,6 +136,65 @@ def _prune(ckpt_root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(ckpt_root / tag, ignore_errors=True)
 
 
+def saved_layout(ckpt_dir: str | Path) -> tuple[int, int]:
+    """(world size, ZeRO stage) of the run that wrote ``ckpt_dir``."""
+    ckpt_dir = Path(ckpt_dir)
+    state = load_trainer_state(ckpt_dir, 0)
+    if state is None:
+        raise FileNotFoundError(f"{ckpt_dir} has no trainer state (trainer_rank0.pt)")
+    return int(state["world_size"]), int(state["zero_stage"])
+
+
+def needs_universal(ckpt_dir: str | Path, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming ``ckpt_dir`` at ``world_size`` must go through a universal checkpoint.
+
+    ZeRO shards are tied to the world size that wrote them; a ZeRO-0 checkpoint is not. Changing the ZeRO
+    stage on resume is refused: DeepSpeed does not document it as supported.
+    """
+    saved_world, saved_stage = saved_layout(ckpt_dir)
+    if saved_stage != zero_stage:
+        raise ValueError(
+            f"{ckpt_dir} was written with train.zero_stage={saved_stage}; resume it with the same stage "
+            f"(got {zero_stage})"
+        )
+    return zero_stage > 0 and saved_world != world_size
+
+
+def to_universal(ckpt_dir: str | Path) -> Path:
+    """Convert the ZeRO shards of ``ckpt_dir`` to ``<ckpt_dir>/universal`` once (rank 0; the others wait).
+
+    The conversion writes into a scratch directory that is renamed into place when complete, so an
+    interrupted conversion is redone rather than half-read.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / UNIVERSAL
+    if _rank() == 0 and not out.is_dir():
+        scratch = ckpt_dir / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
+               "--output_folder", str(scratch), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"universal conversion of {ckpt_dir} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass the tag
+        os.replace(scratch, out)
+    _barrier()
+    return out
+
+
+def load_engine(engine, ckpt_dir: str | Path) -> None:
+    """Load the engine state of ``ckpt_dir``; through its universal form when the engine was built for one."""
+    ckpt_dir = Path(ckpt_dir)
+    if engine.load_universal_checkpoint():
+        to_universal(ckpt_dir)
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=UNIVERSAL)
+    else:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no engine state in {ckpt_dir}")
+
+
 def load_trainer_state(ckpt_dir: Path, rank: int) -> dict | None:
     path = Path(ckpt_dir) / f"trainer_rank{rank}.pt"
     if not path.is_file():
@@ -137,13 +212,16 @@ def load_ema_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Raw (non-EMA) model weights from the engine's model-state file (ZeRO stages 0-2)."""
+    """Raw (non-EMA) model weights: the engine's model-state file (ZeRO 0-2), or for ZeRO-3, whose model
+    state holds only partitions, the fp32 weights consolidated from the shards by DeepSpeed's zero_to_fp32."""
     ckpt_dir = Path(ckpt_dir)
-    files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
+    files = sorted(ckpt_dir.glob("*mp_rank_*_model_states.pt"))
     if not files:
-        raise FileNotFoundError(f"no model state file (mp_rank_*_model_states.pt) in {ckpt_dir}")
+        raise FileNotFoundError(f"no model state file (*mp_rank_*_model_states.pt) in {ckpt_dir}")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
     module = state.get("module")
-    if not module:
-        raise ValueError(f"{files[0]} holds no full model weights (ZeRO-3 shards); use the EMA weights or zero_to_fp32")
+    if not module or any(v.numel() == 0 for v in module.values()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     return module

@@ -69,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
     zero_stage: int = 0
+    offload: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on the host (ZeRO >= 1)
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 1000
@@ -236,6 +237,8 @@ def validate(cfg: Config) -> None:
     choice("dfm.t_sampler", cfg.dfm.t_sampler, ("logit_normal", "uniform"))
     choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
     choice("train.zero_stage", cfg.train.zero_stage, (0, 1, 2, 3))
+    if cfg.train.offload and cfg.train.zero_stage == 0:
+        raise ConfigError("config key 'train.offload' needs train.zero_stage >= 1 (ZeRO-Offload is a ZeRO feature)")
     choice("sample.mode", cfg.sample.mode, ("ode", "sde"))
     choice("sample.method", cfg.sample.method, ("euler", "heun"))
     if cfg.data.kind == "latents" and not cfg.data.data_dir:

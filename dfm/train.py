@@ -3,6 +3,13 @@
 The engine is anything with ``backward(loss)``, ``step()``, ``module`` and ``save_checkpoint`` (a
 DeepSpeed engine in practice; ``dfm.launch.train`` builds it). The only device-to-host reads happen at
 log intervals (loss), sample intervals and checkpoints; a plain step queues work and never waits.
+
+Randomness follows the data, not the process: micro-batch ``slot = rank * accum_steps + micro`` of global
+step ``step`` holds the same samples (``dfm.data.InMemoryLoader``) and draws its stage, times, noise and
+label dropout from a generator seeded with ``draw_seed(seed, step, slot, slots)``. Every micro-batch of a
+run has its own seed, so two ranks never draw the same noise; and a run is the same -- up to the order of
+floating-point sums -- for any world size with the same micro batch, which is also what makes a resume at
+another world size continue the same run.
 """
 
 from __future__ import annotations
@@ -23,18 +30,36 @@ from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid
 
 @dataclass
 class TrainState:
-    """What a resume needs besides the engine and EMA (saved per rank)."""
+    """What a resume needs besides the engine and EMA (saved per rank), and the layout that wrote it."""
 
     step: int = 0
     loader: dict = field(default_factory=dict)
     rng: dict = field(default_factory=dict)
+    world_size: int = 1
+    zero_stage: int = 0
 
 
-def make_ema(model: torch.nn.Module) -> torch.nn.Module:
-    """An fp32, frozen copy of the model holding the exponential moving average of its weights."""
-    ema = copy.deepcopy(model).float().eval()
-    ema.requires_grad_(False)
-    return ema
+class ModelEMA:
+    """An fp32, frozen full copy of the model holding the exponential moving average of its weights.
+
+    Used wherever each rank holds the full weights (ZeRO 0-2); ``dfm.launch.engine.ZeRO3EMA`` is the
+    partitioned counterpart with the same methods.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def update_(self, model: torch.nn.Module, decay: float) -> None:
+        update_ema(self.model, model, decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().contiguous() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def module(self) -> torch.nn.Module:
+        return self.model
 
 
 @torch.no_grad()
@@ -56,9 +81,13 @@ def objective_from_config(cfg) -> DFMObjective:
     )
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Distinct, reproducible seed per rank for noise and time draws."""
-    return seed * 100_003 + rank
+def draw_seed(seed: int, step: int, slot: int, slots: int) -> int:
+    """Seed of the draws of micro-batch ``slot`` (of ``slots`` per global batch) in global step ``step``.
+
+    Distinct for every (step, slot) of a run, also modulo 2**32 (the part of a seed torch's CPU generator
+    keeps) while ``step * slots < 2**32``.
+    """
+    return ((seed * 1_000_000_007 + step) * slots + slot) % 2**63
 
 
 def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +105,9 @@ class Trainer:
         self.accum_steps, self.rank, self.config_yaml, self.writer = accum_steps, rank, config_yaml, writer
         self.device = next(engine.module.parameters()).device
         self.dtype = next(engine.module.parameters()).dtype
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.objective = objective_from_config(cfg)
-        self.generator = torch.Generator(self.device).manual_seed(rank_seed(cfg.seed, rank))
+        self.generator = torch.Generator(self.device)  # reseeded for every micro-batch: seed_draws()
         self.state = TrainState()
         self.ckpt_root = cfg.run_dir / "checkpoints"
 
@@ -88,19 +118,24 @@ class Trainer:
         if ckpt_dir is None:
             return False
         ckpt_dir = Path(ckpt_dir)
-        self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        checkpoint.load_engine(self.engine, ckpt_dir)
         self.ema.load_state_dict(checkpoint.load_ema_weights(ckpt_dir))
         state = checkpoint.load_trainer_state(ckpt_dir, self.rank)
+        own = state is not None
+        if not own:  # a rank the saving run did not have: step and data position are the same on every rank
+            state = checkpoint.load_trainer_state(ckpt_dir, 0)
         if state is None:
-            raise FileNotFoundError(f"{ckpt_dir} has no trainer state for rank {self.rank}")
+            raise FileNotFoundError(f"{ckpt_dir} has no trainer state (trainer_rank<r>.pt)")
         self.state = TrainState(**state)
         self.loader.load_state_dict(self.state.loader)
-        checkpoint.set_rng_state(self.state.rng, self.generator)
+        if own:  # the process-global RNGs; the training draws are reseeded per micro-batch anyway
+            checkpoint.set_rng_state(self.state.rng)
         return True
 
     def save(self) -> Path:
         self.state.loader = self.loader.state_dict()
-        self.state.rng = checkpoint.rng_state(self.generator)
+        self.state.rng = checkpoint.rng_state()
+        self.state.world_size, self.state.zero_stage = self.world_size, self.cfg.train.zero_stage
         return checkpoint.save_checkpoint(
             self.ckpt_root,
             self.state.step,
@@ -111,17 +146,39 @@ class Trainer:
             keep=self.cfg.train.keep_ckpts,
         )
 
+    def seed_draws(self, step: int, micro: int) -> torch.Generator:
+        """Seed the objective's generator for micro-batch ``micro`` of this rank in global step ``step``."""
+        slots = self.world_size * self.accum_steps
+        return self.generator.manual_seed(draw_seed(self.cfg.seed, step, self.rank * self.accum_steps + micro, slots))
+
     def write_samples(self) -> Path | None:
         """EMA sample grid (a row per class, per-stage previews side by side) as a PNG (rank 0)."""
+        ema = self.ema.module()  # a collective under ZeRO-3: the partitions are gathered to rank 0
         if self.rank != 0:
             return None
         g = torch.Generator(self.device).manual_seed(self.cfg.seed)  # same noise every time: comparable grids
         y = class_rows(self.cfg.data.num_classes, self.cfg.sample.per_class, self.device)
-        result = sample_model(self.ema, self.cfg, y, generator=g)
+        result = sample_model(ema, self.cfg, y, generator=g)
         grid = stage_preview_grid(result, rows=min(self.cfg.data.num_classes, 10), scale=2)
         return save_png(grid, self.cfg.run_dir / "samples" / f"{self.state.step:07d}.png")
 
     # -- the loop -------------------------------------------------------------------------------------
+    def train_step(self, data) -> torch.Tensor:
+        """One optimizer step over ``accum_steps`` micro-batches of ``data``, then the EMA; returns the
+        micro-batch losses summed on device (no host sync)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            x, y = next(data)
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            loss, _ = self.objective(self.engine, x, y, generator=self.seed_draws(self.state.step, micro))
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            loss_sum += loss.detach()
+        self.ema.update_(self.engine.module, self.cfg.train.ema_decay)
+        self.state.step += 1
+        return loss_sum
+
     def fit(self) -> float | None:
         """Train until ``train.max_steps``; returns the last logged loss."""
         t_cfg = self.cfg.train
@@ -132,16 +189,7 @@ class Trainer:
             total=t_cfg.max_steps, initial=self.state.step, disable=self.rank != 0, dynamic_ncols=True, unit="step"
         )
         while self.state.step < t_cfg.max_steps:
-            for _ in range(self.accum_steps):
-                x, y = next(data)
-                x = x.to(self.device, self.dtype, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                loss, _ = self.objective(self.engine, x, y, generator=self.generator)
-                self.engine.backward(loss)
-                self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-                loss_sum += loss.detach()
-            update_ema(self.ema, self.engine.module, t_cfg.ema_decay)
-            self.state.step += 1
+            loss_sum += self.train_step(data)
             bar.update(1)
             step = self.state.step
             if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:

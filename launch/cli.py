@@ -1,4 +1,4 @@
-"""The ``dfm`` command: ``dfm train``, ``dfm sample``, ``dfm prepare``, ``dfm evaluate``, ``dfm generate``."""
+"""The ``dfm`` command: ``dfm train``, ``sample``, ``export``, ``prepare``, ``evaluate``, ``generate``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("dfm.launch.train", "train a SiT / DFM-SiT model from a config"),
     "sample": ("dfm.launch.sample", "sample a checkpoint into a PNG grid with per-stage previews (and .npz)"),
+    "export": ("dfm.launch.export", "export a checkpoint's EMA weights to one safetensors file"),
     "prepare": ("dfm.launch.prepare", "prepare ImageNet: convert images, encode SD-VAE latents"),
     "evaluate": ("dfm.launch.evaluate", "FID / sFID / IS / precision / recall of an .npz of samples"),
     "generate": ("dfm.launch.generate", "multi-rank sampling of many images into ADM's .npz layout"),

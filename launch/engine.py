@@ -1,13 +1,67 @@
-"""DeepSpeed wiring: process-group setup and the engine config generated from the run config."""
+"""DeepSpeed wiring: process groups, the engine config generated from the run config, the engine and its EMA.
+
+Launching (``launch/scripts/`` has the ImageNet recipes)::
+
+    one process:  dfm train --config C
+    one node:     deepspeed --num_gpus 8 launch/train.py --config C --data-dir D
+                  torchrun --nproc_per_node 8 launch/train.py --config C --data-dir D
+    many nodes:   deepspeed --hostfile launch/hostfile.example --master_addr HOST0 --master_port 29500 \\
+                      launch/train.py --config C --data-dir D
+                  torchrun --nnodes 4 --node_rank I --master_addr HOST0 --master_port 29500 \\
+                      --nproc_per_node 8 launch/train.py --config C --data-dir D   (on every node)
+
+The launcher sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; :func:`setup_distributed`
+reads them (and makes a one-rank group for a plain process), so the same loop runs at every scale.
+
+Choices made here, each with its reason:
+
+- ZeRO stage ``train.zero_stage`` 0-3. Stage 0 is plain data parallelism; 1 partitions the optimizer
+  state, 2 also the gradients, 3 also the parameters. The default stays 0 as long as the model and its
+  AdamW state fit on one device (SiT-XL/2, 675 M parameters, in bf16 with fp32 master weights and AdamW:
+  ~11 GB before activations). ``benchmarks/bench_zero.py``, two ranks on a shared 2-core AVX2 CPU (gloo,
+  fp32, medians of 10 steps, 2026-11-25), step time relative to ZeRO 0:
+
+  ================================  ======  ======  ======  ======
+  model                             ZeRO 0  ZeRO 1  ZeRO 2  ZeRO 3
+  ================================  ======  ======  ======  ======
+  depth 2, width 64 (0.2 M params)  40 ms   1.15x   1.67x   4.20x
+  DFM-SiT-S/2 (33 M params)         3.5 s   0.86x   1.33x   1.63x
+  ================================  ======  ======  ======  ======
+
+  Host overhead makes every stage above 0 slower on the small model. On the 33 M model ZeRO 1 wins on
+  this CPU because each rank runs the (single-threaded, here costly) AdamW step on half the parameters;
+  on a GPU the fused AdamW step is a small part of a step, so 0 stays the default until a GPU
+  measurement says otherwise.
+- bf16 keeps fp32 master weights in every stage (DeepSpeed's optimizer wrappers own them). Stage 1 also
+  accumulates gradients in fp32 (DeepSpeed's ``BF16_Optimizer``); stage 0 refuses fp32 accumulation, and
+  stages 2/3 reduce in the parameter dtype.
+- ZeRO-Offload (``train.offload``) refuses a client optimizer, so under offload the optimizer is declared
+  in the generated config instead: DeepSpeed's CPU Adam on CUDA machines (a C++ op, built on first use)
+  and ``torch.optim.AdamW`` on a CPU-only machine, where the "device" already is the host.
+- EMA under ZeRO-3: :class:`ZeRO3EMA` keeps, on each rank, the EMA of that rank's own parameter
+  partition. The alternative -- a full EMA copy updated inside ``GatheredParameters`` -- would all-gather
+  every parameter once more per step and hold the full model on every rank, the two costs ZeRO-3 exists
+  to avoid. The partitions are gathered only to save, sample or export.
+- ``train.compile``: the transformer blocks are compiled (``dfm.compile.compile_model``) for stages 0-2,
+  where DeepSpeed leaves the module untouched. Stage 3 gathers parameters in forward pre-hooks that
+  DeepSpeed marks ``torch.compiler.disable``; a compiled block (``fullgraph=True``) fails on them
+  ("Skip calling torch.compiler.disable()d function"), so stage 3 runs eager and says so.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from dfm.config import Config, ConfigError
+from dfm.train import ModelEMA
+
+logger = logging.getLogger(__name__)
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -44,7 +98,11 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) for the configured global batch."""
+    """(micro batch per rank, gradient accumulation steps) for the configured global batch.
+
+    ``global = micro * world_size * accumulation`` at every world size: ``train.micro_batch_size`` fixes the
+    micro batch (accumulation absorbs a change of world size), otherwise it is ``global / world_size``.
+    """
     g = cfg.train.global_batch_size
     micro = cfg.train.micro_batch_size or g // world_size
     if micro < 1 or g % (micro * world_size) != 0:
@@ -55,26 +113,152 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run, derived from the run config (never hand-kept)."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for this run, derived from the run config (never hand-kept).
+
+    ``load_universal`` makes the engine read a universal checkpoint: how a run resumes at another world size.
+    """
     micro, accum = batch_layout(cfg, world_size)
+    t = cfg.train
+    bf16 = use_bf16(cfg)
+    zero: dict = {"stage": t.zero_stage}
     ds = {
-        "train_batch_size": cfg.train.global_batch_size,
+        "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg)},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,  # progress is ours (tqdm); DeepSpeed's own print syncs
         "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
     }
+    if bf16 and t.zero_stage == 1:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer: fp32 accumulation
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                # DeepSpeed's CPU Adam on CUDA machines; on a CPU-only machine torch's AdamW (same update),
+                # because the CPU Adam op takes ~80 s to build there and gains nothing on a host "device"
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
-    """``deepspeed.initialize`` with the generated config; returns the engine."""
+def use_compile(cfg: Config) -> bool:
+    """The one predicate for the compiled model path: ``train.compile`` and a ZeRO stage that allows it."""
+    if not cfg.train.compile:
+        return False
+    if cfg.train.zero_stage == 3:
+        logger.warning(
+            "train.compile: running eager under ZeRO-3, whose parameter-gathering forward hooks are "
+            "torch.compiler.disable'd and break the compiled blocks' graphs"
+        )
+        return False
+    return True
+
+
+def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer | None:
+    """AdamW handed to DeepSpeed; None under ZeRO-Offload, whose optimizer comes from the generated config."""
+    if cfg.train.offload:
+        return None
+    from dfm.compile import make_optimizer
+
+    t = cfg.train
+    return make_optimizer(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
+    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema)``.
+
+    The EMA of stages 0-2 is a full fp32 copy taken before compiling (a deep copy of a compiled block would
+    still call the original block's forward); under ZeRO-3 it is made of the partitions after initialize.
+    """
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
-    return engine
+    ema = ModelEMA(model) if cfg.train.zero_stage < 3 else None
+    if use_compile(cfg):
+        from dfm.compile import compile_model
+
+        compile_model(model)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=client_optimizer(cfg, model),
+        config=deepspeed_config(cfg, world_size, load_universal=load_universal),
+    )
+    if ema is None:
+        from dfm.models import build_model
+
+        ema = ZeRO3EMA(engine.module, lambda: build_model(cfg.model, **cfg.model_overrides()))
+    return engine, ema
+
+
+class ZeRO3EMA:
+    """EMA of a ZeRO-3 model, kept as each rank's fp32 EMA of its own parameter partitions.
+
+    Each step is a local ``lerp`` of the partitions DeepSpeed has just updated (``param.ds_tensor``): no
+    communication, and 1/world_size of the model's memory. :meth:`state_dict` gathers the full weights to
+    rank 0 (a collective: every rank calls it), :meth:`load_state_dict` takes full weights on every rank and
+    keeps this rank's slice, :meth:`module` builds the full EMA model on rank 0 for sampling.
+    Under bf16 the partitions are the bf16 working weights, as the full-copy EMA reads the bf16 module.
+    """
+
+    def __init__(self, module: torch.nn.Module, make_module: Callable[[], torch.nn.Module]):
+        self.make_module = make_module
+        self.params = dict(module.named_parameters())
+        missing = [name for name, p in self.params.items() if not hasattr(p, "ds_tensor")]
+        if missing:
+            raise ValueError(f"ZeRO3EMA needs ZeRO-3 partitioned parameters; not partitioned: {missing[:3]}")
+        self.shards = {name: p.ds_tensor.detach().float().clone() for name, p in self.params.items()}
+        self.buffers = {k: v.detach().float().clone() for k, v in module.state_dict().items() if k not in self.params}
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @torch.no_grad()
+    def update_(self, model: torch.nn.Module, decay: float) -> None:
+        """``ema = decay * ema + (1 - decay) * partition`` for this rank's partitions, in one foreach call."""
+        current = [p.ds_tensor.detach().to(torch.float32) for p in self.params.values()]
+        torch._foreach_lerp_(list(self.shards.values()), current, 1.0 - decay)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA weights on rank 0 (CPU), an empty dict on the other ranks. Collective."""
+        out = {}
+        for name, p in self.params.items():
+            shard = self.shards[name]
+            parts = [torch.empty_like(shard) for _ in range(self.world_size)] if self.rank == 0 else None
+            dist.gather(shard, parts, dst=0)
+            if self.rank == 0:
+                out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+        if self.rank == 0:
+            out.update({k: v.cpu() for k, v in self.buffers.items()})
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take this rank's slice of full EMA weights (the same dict on every rank)."""
+        for name, shard in self.shards.items():
+            flat = weights[name].reshape(-1).to(shard.device, torch.float32)
+            piece = flat[self.rank * shard.numel() : (self.rank + 1) * shard.numel()]
+            shard.zero_()  # the padding of the last partition
+            shard[: piece.numel()].copy_(piece)
+        for k, v in self.buffers.items():
+            v.copy_(weights[k])
+
+    def module(self) -> torch.nn.Module | None:
+        """The full EMA model (eval, fp32) on rank 0, None elsewhere. Collective."""
+        weights = self.state_dict()
+        if self.rank != 0:
+            return None
+        device = next(iter(self.shards.values())).device
+        model = self.make_module().to(device)
+        model.load_state_dict(weights)
+        return model.float().eval().requires_grad_(False)

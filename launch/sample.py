@@ -37,8 +37,9 @@ def load_model(ckpt: str | Path, config: str | None = None, overrides: list[str]
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        cfg_file = ckpt / "config.yaml" if ckpt.is_dir() else None
-        if cfg_file is None or not cfg_file.is_file():
+        # a checkpoint directory holds config.yaml; `dfm export` writes F.yaml beside F.safetensors
+        cfg_file = ckpt / "config.yaml" if ckpt.is_dir() else ckpt.with_suffix(".yaml")
+        if not cfg_file.is_file():
             raise ConfigError(f"no config.yaml beside {ckpt}; pass --config")
         import yaml
 
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--score",
+        action="store_true",
+        help="digits runs: class accuracy and Frechet distance of the samples (classifier trained on real digits)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys")
     args = p.parse_args(argv)
     try:
@@ -91,6 +97,14 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out) if args.out else default
     save_png(stage_preview_grid(result, rows=min(cfg.data.num_classes, 10), scale=4), out)
     print(f"dfm sample: wrote {out} ({len(y)} samples, {len(result.previews)} stage previews each)")
+    if args.score:
+        if cfg.data.kind != "digits":
+            sys.exit("dfm sample: --score needs a digits run (for latents use dfm generate + dfm evaluate)")
+        from dfm.evaluation.digits import digit_scores
+
+        scores = digit_scores(result.x.cpu(), y.cpu(), cfg.data.resolution)
+        acc, fd = scores["accuracy"], scores["fd"]
+        print(f"dfm sample: class accuracy {acc:.3f}, Frechet distance {fd:.2f} ({len(y)} samples)")
     if args.npz:
         np.savez(args.npz, arr_0=to_uint8(result.x), labels=y.cpu().numpy())
         print(f"dfm sample: wrote {args.npz}")

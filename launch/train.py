@@ -3,7 +3,10 @@
 Single process:          dfm train --config configs/dfm_digits.yaml
 One node, 8 GPUs:        deepspeed --num_gpus 8 launch/train.py --config configs/dfm_sit_xl_256.yaml --data-dir DATA
                          (or torchrun --nproc_per_node 8 launch/train.py ...)
-Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4
+Many nodes:              deepspeed --hostfile launch/hostfile.example --master_addr HOST0 --master_port 29500 \
+                             launch/train.py --config C --data-dir DATA    (see launch/scripts/)
+Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
+Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -54,25 +58,27 @@ def main(argv: list[str] | None = None) -> float | None:
     return run(cfg, resume=args.resume or bool(args.ckpt), ckpt=args.ckpt)
 
 
-def build_trainer(cfg: Config):
-    """Model, EMA, optimizer, DeepSpeed engine, loader and logger for ``cfg`` (already validated)."""
+def build_trainer(cfg: Config, resume_from: Path | None = None):
+    """Model, EMA, optimizer, DeepSpeed engine, loader and logger for ``cfg`` (already validated).
+
+    ``resume_from``: the checkpoint the trainer will resume, so that the engine is built to read it (as a
+    universal checkpoint when it was written at another world size).
+    """
     from dfm.launch.engine import batch_layout, build_engine, setup_distributed
 
+    from dfm import checkpoint
     from dfm.data import build_loader
     from dfm.models import build_model
-    from dfm.train import Trainer, make_ema
+    from dfm.train import Trainer
 
     rank, world_size = setup_distributed()
     micro, accum = batch_layout(cfg, world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, **cfg.model_overrides()).to(device)
-    ema = make_ema(model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
-    )
-    engine = build_engine(cfg, model, optimizer, world_size)
-    loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device)
+    universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size, cfg.train.zero_stage)
+    engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
+    loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)
 
     config_yaml, writer = "", None
     if rank == 0:
@@ -87,9 +93,14 @@ def build_trainer(cfg: Config):
 
 def run(cfg: Config, resume: bool = False, ckpt: str | None = None) -> float | None:
     """Train ``cfg`` (already validated), optionally resuming; the entry point tests call in-process."""
-    trainer = build_trainer(cfg)
+    from dfm import checkpoint
+
+    resume_from = None
     if resume:
-        found = trainer.resume(ckpt)
+        resume_from = Path(ckpt) if ckpt else checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints")
+    trainer = build_trainer(cfg, resume_from)
+    if resume:
+        found = resume_from is not None and trainer.resume(resume_from)
         if trainer.rank == 0:
             print(f"dfm train: resumed at step {trainer.state.step}" if found else "dfm train: no checkpoint, starting")
     loss = trainer.fit()

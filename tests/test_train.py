@@ -203,6 +203,13 @@ def test_cli_train_then_sample(tmp_path):
     assert arr["arr_0"].shape == (20, 16, 16, 3) and arr["arr_0"].dtype == np.uint8
     assert arr["labels"].tolist() == [c for c in range(10) for _ in range(2)]
 
+    # the exported EMA weights sample to the very same images without the run directory
+    from dfm.launch import export, sample
+
+    export.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "w.safetensors")])
+    sample.main(["--ckpt", str(tmp_path / "w.safetensors"), "--npz", str(tmp_path / "e.npz"), "--per-class", "2"])
+    assert np.array_equal(np.load(tmp_path / "e.npz")["arr_0"], arr["arr_0"])
+
 
 def test_cli_rejects_bad_config_before_work(tmp_path):
     res = subprocess.run(

@@ -15,8 +15,8 @@ def build_loader(
 ):
     """The loader named by ``data_cfg.kind``: the embedded digits or a prepared latent store.
 
-    ``accum_steps`` lets the digits loader cut each global batch into per-rank, per-accumulation-step slices,
-    so that the global batch does not depend on the world size (see ``InMemoryLoader``).
+    ``accum_steps`` lets the loaders cut each global batch into per-rank, per-accumulation-step slots, so that
+    the global batch does not depend on the world size (``InMemoryLoader``, ``ShardedStream``).
     """
     if data_cfg.kind == "digits":
         x, y = load_digits_tensor(data_cfg.resolution)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# DFM-SiT-XL/2, ImageNet 512x512: 400k steps at global batch 256 in bf16 (configs/dfm_sit_xl_512.yaml).
+#
+#   DATA=/data/imagenet512-latents launch/scripts/train_dfm_sit_xl_512.sh                      # this node, all GPUs
+#   DATA=... HOSTFILE=launch/hostfile.example MASTER_ADDR=node0 launch/scripts/train_dfm_sit_xl_512.sh   # many nodes
+#   DATA=... launch/scripts/train_dfm_sit_xl_512.sh --resume                                     # continue the run
+#
+# The latent store: dfm prepare convert ... --resolution 512x512 --transform center-crop-dhariwal, then
+# dfm prepare encode --source ... --dest DATA (see launch/prepare.py).
+# Everything else (launcher, nodes, ports, NCCL settings) is described in launch/scripts/train.sh.
+set -euo pipefail
+: "${DATA:?set DATA to the prepared latent store (dfm prepare encode --dest DATA)}"
+exec "$(dirname "$0")/train.sh" configs/dfm_sit_xl_512.yaml "$@"
