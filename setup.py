@@ -25,7 +25,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "ruff", "matplotlib"],
         # NVIDIA apex is optional and built from source (the PyPI "apex" is an unrelated package).
         "gpu": ["flash-attn"],
     },

@@ -10,12 +10,13 @@ exactly as it was. The state stays in float32 whatever dtype the model runs in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dfm import pyramid
+from dfm import ops, pyramid
 
 
 @dataclass
@@ -151,12 +152,23 @@ class StagedSampler:
         """One step of the schedule; returns the new state and the velocity used (for previews)."""
         tab = self._tables(x[0].device)
         t, t_next, mask, guided = tab["t"][i], tab["t_next"][i], tab["active"][i], tab["guided"][i]
-        cfg = self.step_is_guided[i]
-        v = [v_s.float() for v_s in self.velocity(x, t, y, mask, guided, cfg)]
+        return self.step_rows(x, y, t, t_next, mask, guided, self.step_is_guided[i])
+
+    def step_rows(
+        self, x: list[Tensor], y: Tensor, t: Tensor, t_next: Tensor, mask: Tensor, guided: Tensor, cfg: bool
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """One step from the step's rows of the static tables (each (S,)); ``cfg``: double the batch.
+
+        A pure function of its tensor arguments with fixed shapes, which is what the compiled and
+        CUDA-graph samplers (``dfm.fast_sampling``) trace. Velocities are used in float32, or in the
+        state's dtype when that is wider (a float64 reference run).
+        """
+        wide = torch.promote_types(x[0].dtype, torch.float32)
+        v = [v_s.to(wide) for v_s in self.velocity(x, t, y, mask, guided, cfg)]
         dt = t_next - t
         x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         if self.method == "heun":
-            v2 = [v_s.float() for v_s in self.velocity(x_next, t_next, y, mask, guided, cfg)]
+            v2 = [v_s.to(wide) for v_s in self.velocity(x_next, t_next, y, mask, guided, cfg)]
             v = [(a + b) / 2 for a, b in zip(v, v2)]
             x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         return x_next, v
@@ -185,12 +197,18 @@ class StagedSampler:
         for i in range(self.schedule.num_steps):
             x, v = self.step(x, y, i)
             if previews and i in ends:
-                s = len(shots)
-                # Denoised estimate x_hat = x_t - t v of stages 0..s (stage s is still at its threshold).
-                t_next = tab["t_next"][i]
-                est = [x[j] - t_next[j] * v[j] for j in range(s + 1)]
-                shots.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
-        return SampleResult(bands=x, x=pyramid.recompose(x), previews=shots)
+                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots)))
+        return SampleResult(bands=x, x=ops.recompose(x), previews=shots)
+
+
+def phase_preview(x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int) -> Tensor:
+    """Full-size preview at the end of phase ``s`` from the state ``x`` and the velocity ``v`` just used.
+
+    The denoised estimate ``x_hat = x_t - t v`` of stages 0..s (stage s is still at its threshold),
+    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table.
+    """
+    est = [x[j] - t_next[j] * v[j] for j in range(s + 1)]
+    return pyramid.preview(est + x[s + 1 :], s, full_size=True)
 
 
 def stage_noise(
@@ -208,12 +226,15 @@ def sample_sde(
     num_steps: int = 250,
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
+    step_noise: Callable[[], Tensor] | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampling of a single-stage model (the SiT SDE baseline).
 
     The reverse-time SDE with the ODE's marginals is ``dx = [v - g^2/2 * score] dt + g dW`` with
     ``score = -(x + (1 - t) v) / t`` (from ``x_t = (1-t) x_0 + t eps``) and ``g^2 = diffusion_norm * t``
     (SiT's "sigma" diffusion form). The last step adds no noise, so the output is the mean estimate.
+    ``step_noise`` returns the N(0, I) draw of a step (shape of ``noise``) instead of ``generator``: how
+    ``dfm.generation`` keeps each sample's noise a function of its own index, whatever batch it is in.
     """
     B = y.shape[0]
     x = noise.float()
@@ -227,6 +248,9 @@ def sample_sde(
         dt = t_next - t  # negative
         x = x + (v - 0.5 * g2 * score) * dt
         if t_next > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device)
+            if step_noise is not None:
+                z = step_noise().to(x.device, x.dtype)
+            else:
+                z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + (g2 * -dt) ** 0.5 * z
     return x

@@ -1,0 +1,211 @@
+"""Compiled training step vs eager: outputs and gradients, steady state without recompiles or graph breaks.
+
+Compiling is slow on CPU (tens of seconds per graph, cold), so one compiled tiny model is shared by
+every test here: all of them run the same (batch, shapes, grad mode), i.e. the same two graphs
+(forward and backward of a block).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from dfm.compile import (
+    autocast,
+    compile_model,
+    compile_stats,
+    default_precision,
+    log_attention_backend,
+    make_optimizer,
+    optimizer_impl,
+)
+from dfm.models import build_model
+from dfm.objective import DFMObjective, noise_stages
+from dfm.pyramid import decompose
+
+BATCH, SIZE, CLASSES = 3, 16, 10
+
+
+def _randomised(model):
+    # adaLN-Zero and the zero heads make a fresh model output exactly zero with mostly zero gradients:
+    # perturb every parameter so that each block and head really contributes.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    eager = _randomised(build_model("DFM-SiT-S/2", depth=2, input_size=SIZE, num_classes=CLASSES))
+    compiled = compile_model(copy.deepcopy(eager), scope="blocks")
+    return eager, compiled
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 4, SIZE, SIZE, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    objective = DFMObjective(stages=2, num_classes=CLASSES, per_sample_stage=True)
+    bands = decompose(x, 2)
+    draw = objective.draw(bands, y, generator=g)
+    t, mask = objective.sample_t(torch.tensor([0, 1, 1]), generator=g)  # one sample with stage 1 masked
+    return bands, dataclasses.replace(draw, t=t, mask=mask)
+
+
+def _forward_backward(model, bands, draw, dtype):
+    bands = [b.to(dtype) for b in bands]
+    eps = [e.to(dtype) for e in draw.eps]
+    x_t, v = noise_stages(bands, draw.t, draw.mask, eps)
+    model.zero_grad(set_to_none=True)
+    v_hat = model(x_t, draw.t, draw.y, draw.mask)
+    # stage_loss computes in fp32; the same masked loss in the model's dtype keeps the fp64 reference exact.
+    loss = sum(
+        torch.where(draw.mask[:, s], (o.to(dtype) - t).square().mean(dim=(1, 2, 3)), 0.0).mean()
+        for s, (o, t) in enumerate(zip(v_hat, v))
+    )
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return [o.detach() for o in v_hat], loss.detach(), grads
+
+
+def _within(fast, same_dtype, ref64, atol):
+    """STYLE tolerance: max|fast - ref64| <= 2 max|torch same dtype - ref64| + atol; returns (ok, errs)."""
+    err_fast = (fast.double() - ref64).abs().max().item()
+    err_torch = (same_dtype.double() - ref64).abs().max().item()
+    return err_fast <= 2 * err_torch + atol, (err_fast, err_torch)
+
+
+def test_compiled_forward_backward_matches_eager(models, batch):
+    eager, compiled = models
+    bands, draw = batch
+    assert draw.mask.any(dim=0).all() and not draw.mask.all(), "want both masked and active stages in the batch"
+    out_c, loss_c, grads_c = _forward_backward(compiled, bands, draw, torch.float32)
+    out_e, loss_e, grads_e = _forward_backward(eager, bands, draw, torch.float32)
+    out_64, loss_64, grads_64 = _forward_backward(copy.deepcopy(eager).double(), bands, draw, torch.float64)
+
+    for s, (c, e, r) in enumerate(zip(out_c, out_e, out_64)):
+        ok, errs = _within(c, e, r, atol=1e-6 * r.abs().max().item())
+        assert ok, f"stage {s} velocity: compiled/eager errors vs fp64 {errs}"
+    # A scalar can be lucky in eager (errors cancel in the sum): allow a few fp32 ulps on top.
+    ok, errs = _within(loss_c, loss_e, loss_64, atol=8 * torch.finfo(torch.float32).eps * loss_64.item())
+    assert ok, f"loss {loss_64.item()}: compiled/eager errors vs fp64 {errs}"
+    assert len(grads_c) == len(grads_64)
+    for name, r in grads_64.items():
+        ok, errs = _within(grads_c[name], grads_e[name], r, atol=1e-6 * r.abs().max().item() + 1e-12)
+        assert ok, f"grad of {name}: compiled/eager errors vs fp64 {errs}"
+    # The compiled path really ran inductor code, not a silent eager fallback.
+    assert compile_stats()["graphs"] >= 1
+
+
+def test_compile_keeps_the_module_and_its_state_dict(models):
+    eager, compiled = models
+    assert log_attention_backend(compiled, "cpu") == "sdpa"  # what the blocks run on this machine
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod prefix: checkpoints interchange
+    with pytest.raises(ValueError, match="scope"):
+        compile_model(compiled, scope="everything")
+    with pytest.raises(ValueError, match="blocks"):
+        compile_model(torch.nn.Linear(2, 2), scope="blocks")
+
+
+def test_steady_state_training_step_has_no_recompiles_or_graph_breaks(models, batch):
+    eager, compiled = models
+    model = copy.deepcopy(compiled)  # an EMA-style copy runs its own weights through the same graphs
+    bands, _ = batch
+    x = torch.randn(BATCH, 4, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (BATCH,))
+    objective = DFMObjective(stages=2, num_classes=CLASSES)
+    optimizer = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(2)
+
+    def train_step():
+        with autocast("cpu"):
+            loss, _ = objective(model, x, y, generator=g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(2):  # warm-up: the graphs exist after the first step
+        train_step()
+    before = compile_stats()
+    with torch.compiler.set_stance("fail_on_recompile"):  # raises if any guard fails and a recompile is needed
+        losses = [train_step() for _ in range(4)]
+    after = compile_stats()
+    assert after == before, f"compiler counters moved in the steady state: {before} -> {after}"
+    assert after["graph_breaks"] == 0
+    assert all(torch.isfinite(loss) for loss in losses)
+    # The copy trained its own parameters; the shared fixture's weights are untouched.
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, compiled.blocks[0].attn.qkv.weight)
+    assert torch.equal(compiled.blocks[0].attn.qkv.weight, eager.blocks[0].attn.qkv.weight)
+
+
+def test_make_optimizer_on_cpu_is_plain_adamw_with_the_reference_update():
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    w_ref = torch.nn.Parameter(w.detach().clone())
+    opt = make_optimizer([w], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    ref = torch.optim.AdamW([w_ref], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    assert optimizer_impl("cpu") == "torch"
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"]
+    for _ in range(3):
+        grad = torch.randn(5, 4)
+        w.grad, w_ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(w, w_ref)
+    # Param groups are accepted as well as tensors.
+    groups = make_optimizer([{"params": [w], "weight_decay": 0.0}], lr=1e-3)
+    assert groups.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_forced_optimizer_impls_fail_clearly_where_they_cannot_run():
+    with pytest.raises(ValueError, match="impl"):
+        optimizer_impl("cpu", "lamb")
+    with pytest.raises(RuntimeError, match="apex"):
+        optimizer_impl("cpu", "apex")
+    assert optimizer_impl("cuda") in ("torch_fused", "apex")
+
+
+def test_autocast_precision_defaults():
+    assert default_precision("cpu") == "fp32" and default_precision("cuda") == "bf16"
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast("cpu"):
+        assert (a @ b).dtype == torch.float32
+    with autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        autocast("cpu", "fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_compiled_step_matches_eager_and_uses_fused_adamw():
+    torch.manual_seed(0)
+    eager = _randomised(build_model("DFM-SiT-S/2", depth=2, input_size=SIZE, num_classes=CLASSES)).cuda()
+    compiled = compile_model(copy.deepcopy(eager), scope="blocks")
+    fp64 = copy.deepcopy(eager).double()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(BATCH, 4, SIZE, SIZE, device="cuda", generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), device="cuda", generator=g)
+    objective = DFMObjective(stages=2, num_classes=CLASSES, per_sample_stage=True)
+    bands = decompose(x, 2)
+    draw = objective.draw(bands, y, generator=g)
+    results = {}
+    for name, model in (("compiled", compiled), ("eager", eager)):
+        with autocast("cuda"):
+            results[name] = _forward_backward(model, bands, draw, torch.float32)
+    out_64, _, grads_64 = _forward_backward(fp64, bands, draw, torch.float64)
+    for s, r in enumerate(out_64):
+        ok, errs = _within(results["compiled"][0][s], results["eager"][0][s], r, atol=1e-3 * r.abs().max().item())
+        assert ok, f"stage {s} velocity (bf16): {errs}"
+    for name, r in grads_64.items():
+        ok, errs = _within(results["compiled"][2][name], results["eager"][2][name], r, atol=1e-3 * r.abs().max().item())
+        assert ok, f"grad of {name} (bf16): {errs}"
+    opt = make_optimizer(compiled.parameters(), lr=1e-4)
+    assert opt.defaults["fused"] or optimizer_impl("cuda") == "apex"

@@ -1,0 +1,151 @@
+"""Compiled (and on CUDA, CUDA-graph) staged sampler vs the eager StagedSampler on the same noise.
+
+One compiled sampler is shared by the CPU tests: its schedule has both unguided and guided (CFG,
+doubled batch) steps, so the two step variants are compiled once each and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dfm import pyramid
+from dfm.fast_sampling import FastStagedSampler, sampler_mode, schedule_rows
+from dfm.models import build_model
+from dfm.sampling import StagedSampler, stage_noise, staged_schedule
+
+CLASSES = 10
+STEPS, THRESHOLDS = [4, 2], [0.3]
+CFG = dict(cfg_scale=3.0, guidance_low=0.0, guidance_high=0.7, null_class=CLASSES)
+
+
+def _model(device="cpu"):
+    torch.manual_seed(0)
+    model = build_model("DFM-SiT-S/2", depth=2, input_size=16, num_classes=CLASSES).to(device).eval()
+    with torch.no_grad():  # leave adaLN-Zero: a zero-initialised model would output v = 0 everywhere
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _inputs(model, batch, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(1)
+    noise = stage_noise(batch, model.stage_shapes(), generator=g, device=device)
+    y = torch.randint(0, CLASSES, (batch,), generator=g, device=device)
+    return noise, y
+
+
+def _reference64(model, schedule, noise, y, method="euler"):
+    """The eager step in float64 (model and state): sets the scale of float32 rounding error."""
+    sampler = StagedSampler(copy.deepcopy(model).double(), schedule, method=method, **CFG)
+    x = [n.double() for n in noise]
+    ends, shots = set(schedule.phase_ends()), []
+    tab_t_next = schedule.t_next.float().to(noise[0].device)
+    with torch.no_grad():
+        for i in range(schedule.num_steps):
+            x, v = sampler.step(x, y, i)
+            if i in ends:
+                s = len(shots)
+                est = [x[j] - tab_t_next[i, j] * v[j] for j in range(s + 1)]
+                shots.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
+    return pyramid.recompose(x), shots
+
+
+def _assert_parity(fast, eager, ref64, what, atol):
+    """STYLE tolerance: max|fast - ref64| <= 2 max|eager - ref64| + atol."""
+    err_fast = (fast.double() - ref64).abs().max().item()
+    err_eager = (eager.double() - ref64).abs().max().item()
+    assert err_fast <= 2 * err_eager + atol, f"{what}: fast {err_fast:.3g} vs eager {err_eager:.3g} (fp64 reference)"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    schedule = staged_schedule(STEPS, THRESHOLDS)
+    eager = StagedSampler(model, schedule, **CFG)
+    assert set(eager.step_is_guided) == {False, True}, "the schedule must exercise both step variants"
+    return model, schedule, eager, FastStagedSampler(eager, mode="compile")
+
+
+def test_compiled_sampler_matches_eager_images_and_previews(setup):
+    model, schedule, eager, fast = setup
+    noise, y = _inputs(model, batch=3)
+    want = eager.sample(noise, y)
+    got = fast.sample(noise, y)
+    ref_x, ref_previews = _reference64(model, schedule, noise, y)
+    atol = 1e-7 * ref_x.abs().max().item()
+    _assert_parity(got.x, want.x, ref_x, "final image", atol)
+    assert len(got.previews) == len(want.previews) == schedule.stages
+    for s, (p_fast, p_eager, p_ref) in enumerate(zip(got.previews, want.previews, ref_previews)):
+        assert p_fast.shape == p_eager.shape == got.x.shape
+        _assert_parity(p_fast, p_eager, p_ref, f"preview after phase {s}", atol)
+    for b_fast, b_eager in zip(got.bands, want.bands):
+        assert b_fast.shape == b_eager.shape and b_fast.dtype == b_eager.dtype == torch.float32
+    # Previews differ from the final image (they are real intermediate states, not copies of it).
+    assert not torch.allclose(got.previews[0], got.x, atol=1e-3)
+
+
+def test_compiled_sampler_is_static_after_warmup(setup):
+    model, _, _, fast = setup
+    noise, y = _inputs(model, batch=3)
+    first = fast.sample(noise, y, previews=False)
+    with torch.compiler.set_stance("fail_on_recompile"):  # every step reuses one of the two graphs
+        second = fast.sample(noise, y, previews=False)
+        other_labels = fast.sample(noise, (y + 1) % CLASSES, previews=False)
+    assert first.previews == [] and second.previews == []
+    assert torch.equal(first.x, second.x)
+    assert not torch.equal(first.x, other_labels.x)
+
+
+def test_schedule_rows_are_the_eager_tables(setup):
+    _, schedule, eager, _ = setup
+    rows = schedule_rows(eager, "cpu")
+    assert rows.shape == (schedule.num_steps, 4, schedule.stages) and rows.dtype == torch.float32
+    assert torch.equal(rows[:, 0], schedule.t.float())
+    assert torch.equal(rows[:, 1], schedule.t_next.float())
+    assert torch.equal(rows[:, 2] > 0.5, schedule.active)
+    assert torch.equal(rows[:, 3] > 0.5, eager.guided)
+
+
+def test_mode_predicate_and_eager_mode(setup):
+    model, _, eager, _ = setup
+    assert sampler_mode("cpu") == "eager"
+    assert sampler_mode("cpu", "compile") == "compile"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        sampler_mode("cpu", "cudagraph")
+    with pytest.raises(ValueError, match="mode"):
+        sampler_mode("cpu", "graph")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        FastStagedSampler(eager, compile_mode="reduce-overhead")
+    noise, y = _inputs(model, batch=2)
+    want, got = eager.sample(noise, y), FastStagedSampler(eager, mode="auto").sample(noise, y)
+    assert torch.equal(want.x, got.x) and all(torch.equal(a, b) for a, b in zip(want.previews, got.previews))
+    with pytest.raises(ValueError, match="stages"):
+        FastStagedSampler(eager).sample(noise[:1], y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cudagraph_sampler_matches_eager(method, batch):
+    model = _model("cuda")
+    schedule = staged_schedule(STEPS, THRESHOLDS)
+    eager = StagedSampler(model, schedule, method=method, **CFG)
+    fast = FastStagedSampler(eager, mode="cudagraph")
+    noise, y = _inputs(model, batch, device="cuda")
+    want = eager.sample(noise, y)
+    got = fast.sample(noise, y)
+    ref_x, ref_previews = _reference64(model, schedule, noise, y, method)
+    atol = 1e-7 * ref_x.abs().max().item()
+    _assert_parity(got.x, want.x, ref_x, "final image", atol)
+    for s, (p_fast, p_eager, p_ref) in enumerate(zip(got.previews, want.previews, ref_previews)):
+        _assert_parity(p_fast, p_eager, p_ref, f"preview after phase {s}", atol)
+    # Replays refresh the static buffers from the new inputs: new labels, new result; same inputs, same result.
+    again = fast.sample(noise, y)
+    assert torch.equal(again.x, got.x)
+    other = fast.sample(noise, (y + 1) % CLASSES)
+    want_other = eager.sample(noise, (y + 1) % CLASSES)
+    assert (other.x - want_other.x).abs().max() <= 4 * (got.x - want.x).abs().max() + atol
+    assert not torch.equal(other.x, got.x)
