@@ -44,8 +44,16 @@ def test_defaults_follow_the_model():
         (["data.resolution=17"], "resolution 17x17 is not divisible by 2"),
         (["model=DFM-SiT-S/2", "dfm.stages_count=3"], "patch size 2 cannot serve 3 stages"),
         (["model=DFM-SiT-S/1"], "patch size 1 cannot serve 2 stages"),
-        (["sample.stage_sampling_thresholds=[0.5, 0.6]", "model=DFM-SiT-S/4", "dfm.stages_count=3",
-          "sample.num_steps_per_scale=[4,2,2]", "dfm.stage_weights=[0.8,0.1,0.1]"], "strictly decreasing"),
+        (
+            [
+                "sample.stage_sampling_thresholds=[0.5, 0.6]",
+                "model=DFM-SiT-S/4",
+                "dfm.stages_count=3",
+                "sample.num_steps_per_scale=[4,2,2]",
+                "dfm.stage_weights=[0.8,0.1,0.1]",
+            ],
+            "strictly decreasing",
+        ),
         (["sample.num_steps_per_scale=[40]"], "'sample.num_steps_per_scale' has 1 entries for 2 stages"),
         (["sample.stage_sampling_thresholds=[0.1, 0.05]"], "one entry per stage boundary"),
         (["dfm.stage_weights=[1.0]"], "'dfm.stage_weights' has 1 entries for 2 stages"),

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dfm.launch.engine import deepspeed_config
+from dfm.launch.train import build_trainer, run
 from safetensors.torch import load_file
 
 from dfm import checkpoint
 from dfm.config import load_config
-from dfm.launch.engine import deepspeed_config
-from dfm.launch.train import build_trainer, run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
