@@ -105,7 +105,8 @@ def train_digits_classifier(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(resolution, seed, epochs, batch_size, lr)
+        with torch.enable_grad():  # callers often score samples under no_grad
+            return _train(resolution, seed, epochs, batch_size, lr)
     finally:
         torch.set_num_threads(threads)
 

@@ -70,3 +70,10 @@ def test_wrong_shapes_are_errors(cache_dir):
         digit_scores(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), RESOLUTION, cache_dir)
     with pytest.raises(ValueError, match="expected labels"):
         digit_scores(torch.zeros(4, 1, 16, 16), torch.zeros(3, dtype=torch.long), RESOLUTION, cache_dir)
+
+
+def test_training_works_when_called_under_no_grad():
+    """Scoring code runs under no_grad; a cache miss there must still train the classifier."""
+    with torch.no_grad():
+        model = digits.train_digits_classifier(8, epochs=1)
+    assert 0.0 <= model.heldout_accuracy <= 1.0 and all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,234 @@
+"""``dfm generate``: sample many images across ranks into ADM's ``.npz`` layout (for FID & co.), resumably.
+
+One process:   dfm generate --ckpt runs/dfm-digits --num-samples 500 --out samples.npz
+One node:      torchrun --nproc_per_node 8 launch/generate.py --ckpt runs/dfm-sit-xl-256 \\
+                   --vae sd-vae-ft-ema --num-samples 50000 --batch-size 64 --out dfm-sit-xl-256.npz
+               (or: deepspeed --num_gpus 8 launch/generate.py ...)
+Sampling keys of the run config can be overridden, with or without their ``sample.`` prefix:
+               cfg_scale=1.5 num_steps_per_scale=[40,10] stage_sampling_thresholds=[0.1] guidance_high=0.7
+               mode=sde num_steps=250   (the SiT baseline's Euler-Maruyama sampler)
+
+Index ``i`` of ``[0, N)`` gets its label and noise from ``(seed, i)`` alone, so the images do not depend
+on the world size or the batch size. Finished batches land in ``<out>.parts/`` as they complete; running
+the same command again after a crash (or after ``--max-batches``) produces only what is missing, at any
+world size (on several nodes, ``<out>`` must be on a file system every rank sees). When every index
+exists, rank 0 writes ``<out>`` (``arr_0`` uint8 N x H x W x 3, labels in ``arr_1`` and ``labels``) and
+removes the parts (``--keep-parts`` keeps them). Latent models decode with the diffusers
+``AutoencoderKL`` at ``--vae`` (a local folder): ``vae.decode(z / scaling_factor)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dfm import generation
+from dfm.config import ConfigError, SampleConfig
+
+SAMPLE_KEYS = set(SampleConfig.__dataclass_fields__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dfm generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory, exported .safetensors, or run directory")
+    p.add_argument("--config", help="run config (default: the one saved with the checkpoint, or <file>.yaml)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="N: indices [0, N) are generated")
+    p.add_argument("--out", required=True, help="output .npz (shards go to <out>.parts/ until it is complete)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch on each rank")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: index i draws from (seed, i)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (sample.cfg_scale)")
+    p.add_argument("--labels", choices=generation.LABEL_MODES, default="random",
+                   help="random: uniform class per index (as ADM / DiT); balanced: class i %% num_classes")  # fmt: skip
+    p.add_argument("--vae", help="local folder of the diffusers AutoencoderKL that decodes latent models")
+    p.add_argument("--decode-batch-size", type=int, default=32, help="images per VAE decode call")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--sampler", choices=("auto", "eager", "compile", "cudagraph"), default="auto",
+                   help="staged-sampler execution (auto: CUDA graphs on CUDA, eager on CPU)")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU")  # fmt: skip
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="model precision (auto: bf16 autocast on CUDA, fp32 on CPU)")  # fmt: skip
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop each rank after this many batches (finish later with the same command)")  # fmt: skip
+    p.add_argument("--keep-parts", action="store_true", help="keep <out>.parts/ after merging")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys, e.g. cfg_scale=1.5")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.decode_batch_size < 1:
+        p.error("--num-samples, --batch-size and --decode-batch-size must be >= 1")
+    if args.max_batches is not None and args.max_batches < 0:
+        p.error("--max-batches must be >= 0")
+    return args
+
+
+def sampling_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides, with bare sampling keys (``cfg_scale=2``) under ``sample.``."""
+    out = []
+    for text in args.overrides:
+        key = text.split("=", 1)[0].strip()
+        out.append(f"sample.{text.strip()}" if key in SAMPLE_KEYS else text)
+    if args.cfg_scale is not None:
+        out.append(f"sample.cfg_scale={args.cfg_scale}")
+    return out
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given but CUDA is not available")
+    if requested != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by setup_distributed
+    return torch.device("cpu")
+
+
+def _broadcast_error(message: str | None) -> str | None:
+    """Rank 0's error (or None) on every rank, so that all ranks stop together instead of hanging."""
+    box = [message]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load(args: argparse.Namespace, device: torch.device):
+    """(model on ``device``, run config, resolved checkpoint path, VAE or None); errors name what is wrong."""
+    from dfm.launch.sample import load_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.ckpt)
+    config = args.config
+    if config is None and ckpt.is_file() and ckpt.with_suffix(".yaml").is_file():
+        config = str(ckpt.with_suffix(".yaml"))  # `dfm export` writes the run config beside the weights
+    model, cfg = load_model(ckpt, config, sampling_overrides(args), use_ema=False if args.raw else None)
+    latent = cfg.data.kind == "latents"
+    if latent and not args.vae:
+        raise ConfigError(f"{cfg.model} generates SD-VAE latents (data.kind=latents): pass --vae FOLDER to decode")
+    if not latent and args.vae:
+        raise ConfigError(f"--vae was given but the run models pixels (data.kind={cfg.data.kind})")
+    vae = None
+    if latent:
+        from dfm.data.prepare import load_vae
+
+        vae = load_vae(args.vae, device=device)
+    return model.to(device), cfg, ckpt, vae
+
+
+def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str) -> dict:
+    """What makes two runs' images different: shards made under other settings must not be mixed."""
+    sample = {k: v for k, v in asdict(cfg.sample).items() if k != "per_class"}
+    return {
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "labels": args.labels,
+        "checkpoint": str(Path(ckpt).resolve()),
+        "weights": "raw" if args.raw else "ema",
+        "model": cfg.model,
+        "data": {k: getattr(cfg.data, k) for k in ("kind", "resolution", "channels", "num_classes")},
+        "sample": sample,
+        "steps_per_stage": cfg.steps_per_stage(),
+        "thresholds": cfg.thresholds(),
+        "vae": str(Path(args.vae).resolve()) if args.vae else None,
+        "precision": precision,
+    }
+
+
+def generate(args: argparse.Namespace) -> Path | None:
+    """Run ``dfm generate`` on this rank; returns the merged ``.npz`` (rank 0, once complete) or None."""
+    from dfm.launch.engine import setup_distributed
+
+    rank, world_size = setup_distributed()
+    out = Path(args.out)
+    parts = generation.parts_dir(out)
+    if out.is_file():  # every rank sees the same file: nobody starts work
+        if rank == 0:
+            print(f"dfm generate: {out} already exists; delete it to generate again")
+        return out
+    device = _device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    model, cfg, ckpt, vae = load(args, device)
+
+    error = None
+    if rank == 0:
+        try:
+            generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
+            generation.clean_temporaries(parts)
+        except (generation.ManifestMismatch, ValueError) as err:
+            error = str(err)
+    error = _broadcast_error(error)
+    if error:
+        raise ConfigError(error)
+    done = generation.scan_shards(parts)
+    pieces = generation.plan_pieces(generation.missing_ranges(done, args.num_samples), args.batch_size)
+    _barrier()  # every rank has listed the shards before any rank writes one: all hold the same plan
+    mine = generation.rank_pieces(pieces, rank, world_size)
+    if args.max_batches is not None:
+        mine = mine[: args.max_batches]
+
+    sampler = generation.IndexSampler(
+        model, cfg, seed=args.seed, labels=args.labels, vae=vae, sampler_mode=args.sampler,
+        precision=precision, decode_batch_size=args.decode_batch_size,
+    )  # fmt: skip
+    done_before = sum(b - a for a, b in done if a < args.num_samples)
+    todo = args.num_samples - done_before
+    if rank == 0:
+        print(
+            f"dfm generate: {args.num_samples} samples of {cfg.model} ({cfg.sample.mode}, "
+            f"NFE {sum(cfg.steps_per_stage()) if cfg.sample.mode == 'ode' else cfg.sample.num_steps}, "
+            f"cfg {cfg.sample.cfg_scale}) on {world_size} rank(s), {device.type}, {precision}: "
+            f"{done_before} exist, {todo} to go in {len(pieces)} batches of <= {args.batch_size}"
+        )
+    # Rank 0's bar counts every rank's shards on disk, so its rate is the whole job's images/s.
+    bar = tqdm(
+        total=args.num_samples, initial=done_before, unit="img", dynamic_ncols=True, disable=rank != 0 or not todo
+    )
+    tic, shown = time.perf_counter(), done_before
+    for start, stop in mine:
+        images, labels = sampler.images(range(start, stop), pad_to=args.batch_size)
+        generation.write_shard(parts, start, images, labels)
+        if rank == 0:
+            now = generation.count_done(parts)
+            bar.update(now - shown)
+            shown = now
+    _barrier()
+    elapsed = time.perf_counter() - tic
+    if rank != 0:
+        return None
+    complete = generation.count_done(parts)
+    bar.update(complete - shown)
+    bar.close()
+    made = complete - done_before
+    if made:
+        print(f"dfm generate: {made} images in {elapsed:.1f} s ({made / max(elapsed, 1e-9):.2f} img/s)")
+    if complete < args.num_samples:
+        print(f"dfm generate: {complete}/{args.num_samples} done in {parts}; run the same command to continue")
+        return None
+    generation.merge_shards(parts, out, args.num_samples)
+    if not args.keep_parts:
+        shutil.rmtree(parts)
+    print(f"dfm generate: wrote {out} ({args.num_samples} images)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    try:
+        return generate(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"dfm generate: {err}")
+
+
+if __name__ == "__main__":
+    # Run as a script by torchrun or the `deepspeed` launcher: `torchrun --nproc_per_node 8 launch/generate.py ...`.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
