@@ -41,7 +41,7 @@ def test_defaults_follow_the_model():
         (["sample.num_steps_per_scale=4"], "config key 'sample.num_steps_per_scale': expected a list"),
         (["train=3"], "config key 'train' is a section"),
         (["model=DiT-Huge/3"], "config key 'model': unknown model"),
-        (["data.resolution=17"], "resolution 17x17 is not divisible by 2"),
+        (["data.resolution=17"], "resolution 17x17 is not divisible by 4"),
         (["model=DFM-SiT-S/2", "dfm.stages_count=3"], "patch size 2 cannot serve 3 stages"),
         (["model=DFM-SiT-S/1"], "patch size 1 cannot serve 2 stages"),
         (

@@ -258,7 +258,7 @@ def test_export_gathers_zero3_ema_into_one_file(two_ranks, tmp_path):
     saved = load_file(str(ckpt(run_dir, STEPS) / "ema.safetensors"))
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
     model, cfg = load_model(tmp_path / "ema.safetensors", config=str(tmp_path / "ema.yaml"))
-    assert cfg.model == "DFM-SiT-S/2" and all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    assert cfg.model == "DFM-SiT-S/4" and all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
     # the raw ZeRO-3 weights, consolidated from the partitions
     dfm(["export", "--ckpt", str(ckpt(run_dir, STEPS)), "--out", str(tmp_path / "raw.safetensors"), "--raw"])
     raw = load_file(str(tmp_path / "raw.safetensors"))
