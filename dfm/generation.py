@@ -38,8 +38,8 @@ from torch import Tensor
 
 from dfm.data.latents import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
-from dfm.sampling import StagedSampler, sample_sde, staged_schedule
-from dfm.visualize import to_uint8
+from dfm.sampling import sample_sde
+from dfm.visualize import staged_sampler, to_uint8
 
 LABEL_MODES = ("random", "balanced")
 MANIFEST = "manifest.json"
@@ -138,16 +138,7 @@ class IndexSampler:
         self.shapes = model.stage_shapes()
         self.fast = None
         if cfg.sample.mode == "ode":
-            sampler = StagedSampler(
-                model,
-                staged_schedule(cfg.steps_per_stage(), cfg.thresholds()),
-                method=cfg.sample.method,
-                cfg_scale=cfg.sample.cfg_scale,
-                guidance_low=cfg.sample.guidance_low,
-                guidance_high=cfg.sample.guidance_high,
-                null_class=cfg.data.num_classes,
-            )
-            self.fast = FastStagedSampler(sampler, mode=sampler_mode)
+            self.fast = FastStagedSampler(staged_sampler(model, cfg), mode=sampler_mode)
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -12,6 +12,19 @@ from torch import Tensor
 from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise, staged_schedule
 
 
+def staged_sampler(model, cfg) -> StagedSampler:
+    """The eager staged sampler that run config ``cfg``'s ``sample`` section describes."""
+    return StagedSampler(
+        model,
+        staged_schedule(cfg.steps_per_stage(), cfg.thresholds()),
+        method=cfg.sample.method,
+        cfg_scale=cfg.sample.cfg_scale,
+        guidance_low=cfg.sample.guidance_low,
+        guidance_high=cfg.sample.guidance_high,
+        null_class=cfg.data.num_classes,
+    )
+
+
 def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None) -> SampleResult:
     """Sample ``model`` for labels ``y`` with the sampling settings of run config ``cfg`` (eval mode, no grad)."""
     device = y.device
@@ -23,16 +36,7 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
         if cfg.sample.mode == "sde":
             x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator)
             return SampleResult(bands=[x], x=x, previews=[x])
-        sampler = StagedSampler(
-            model,
-            staged_schedule(cfg.steps_per_stage(), cfg.thresholds()),
-            method=cfg.sample.method,
-            cfg_scale=cfg.sample.cfg_scale,
-            guidance_low=cfg.sample.guidance_low,
-            guidance_high=cfg.sample.guidance_high,
-            null_class=cfg.data.num_classes,
-        )
-        return sampler.sample(noise, y)
+        return staged_sampler(model, cfg).sample(noise, y)
     finally:
         model.train(was_training)
 
