@@ -99,7 +99,7 @@ def record_draws(trainer, out: Path) -> None:
 
 
 def clean_env(out: Path) -> dict:
-    """The environment without the rendezvous variables an in-process run of this session has set."""
+    """The environment without the rendezvous variables an in-process run in this test process has set."""
     dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     return env | {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TMPDIR": str(out)}

@@ -169,7 +169,7 @@ def test_deepspeed_config_is_generated(tmp_path):
 
 
 def clean_env() -> dict:
-    """The environment without the rendezvous variables an in-process run of this session has set."""
+    """The environment without the rendezvous variables an in-process run in this test process has set."""
     dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONUNBUFFERED": "1"}
 
