@@ -180,8 +180,8 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
     """``deepspeed.initialize`` with the generated config; returns ``(engine, ema)``.
 
-    The EMA of stages 0-2 is a full fp32 copy taken before compiling (a deep copy of a compiled block would
-    still call the original block's forward); under ZeRO-3 it is made of the partitions after initialize.
+    The EMA of stages 0-2 is a full fp32 copy taken before compiling, so it stays a plain eager module that
+    samples without a compile of its own; under ZeRO-3 it is made of the partitions after initialize.
     """
     import deepspeed
 
