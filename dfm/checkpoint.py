@@ -53,26 +53,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state(generator: torch.Generator | None = None) -> dict:
-    state = {
+def rng_state() -> dict:
+    """The process-global RNG states (the training draws have their own per-micro-batch seeds)."""
+    return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
