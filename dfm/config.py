@@ -66,10 +66,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" (autocast, fp32 weights) | "fp32"
     compile: bool = False
     zero_stage: int = 0
     offload: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on the host (ZeRO >= 1)
+    # ZeRO >= 1 gradient communication (launch/engine.py says why these values)
+    overlap_comm: bool = True  # reduce gradient buckets during backward (ZeRO 2, 3) instead of after it
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000  # elements per reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per all-gather of updated weights (ZeRO 1, 2)
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 1000
@@ -276,6 +281,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
     t = cfg.train
     for key in ("max_steps", "global_batch_size", "log_every", "sample_every", "ckpt_every", "keep_ckpts"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
     if t.micro_batch_size is not None and t.micro_batch_size < 1:

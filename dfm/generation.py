@@ -23,7 +23,6 @@ The contract, and how each part of it is kept:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from dfm.data.latents import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
+from dfm.precision import autocast, resolve_precision
 from dfm.sampling import sample_sde
 from dfm.visualize import staged_sampler, to_uint8
 
@@ -71,6 +71,7 @@ class IndexDraws:
     noise: list[Tensor]
     y: Tensor
     generators: list[torch.Generator]
+    count: int | None = None  # indices asked for; the rest pads the batch (repeats of the last index)
 
     def step_noise(self) -> Tensor:
         """N(0, I) of the finest stage's shape for every index, each from its own generator."""
@@ -111,7 +112,8 @@ class IndexSampler:
         labels: ``"random"`` (uniform per index, as ADM/DiT sample) or ``"balanced"`` (``i % num_classes``).
         vae: a diffusers ``AutoencoderKL`` on the model's device for latent models, None for pixel models.
         sampler_mode: ``dfm.fast_sampling`` mode (``auto`` = CUDA graphs on CUDA, eager elsewhere).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast of the model; the state stays float32).
+        precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` (``dfm.precision``: autocast of the model; the
+            sampler state stays float32).
         decode_batch_size: images per VAE decode call (bounds the decoder's activation memory).
     """
 
@@ -123,13 +125,12 @@ class IndexSampler:
         labels: str = "random",
         vae=None,
         sampler_mode: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         decode_batch_size: int = 32,
     ):
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        precision = resolve_precision(precision, next(model.parameters()).device)
         if cfg.sample.mode == "sde" and cfg.sample.cfg_scale != 1.0:
             raise ValueError("sample.cfg_scale: classifier-free guidance is not implemented for the SDE sampler")
         self.model, self.cfg, self.seed, self.labels = model, cfg, seed, labels
@@ -140,35 +141,42 @@ class IndexSampler:
         if cfg.sample.mode == "ode":
             self.fast = FastStagedSampler(staged_sampler(model, cfg), mode=sampler_mode)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            # No weight-cast cache: the cache would hold tensors made outside a CUDA graph's memory pool.
-            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
+    def draw(self, indices: Sequence[int], pad_to: int | None = None) -> IndexDraws:
+        """The host-side draws of ``indices`` (each from its own CPU generator), padded to ``pad_to``.
 
-    @torch.no_grad()
-    def sample(self, indices: Sequence[int], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
-        """(x (n, C, H, W) float32 in model space on the device, labels (n,) on CPU) for ``indices``.
-
-        ``pad_to`` runs the batch at that size, repeating the last index's draws and dropping the copies:
-        every batch then has one shape, so a compiled / graph-captured sampler never re-specialises for
-        a short last batch.
+        ``pad_to`` runs the batch at that size, repeating the last index's draws (``run`` drops the copies):
+        every batch then has one shape, so a compiled / graph-captured sampler never re-specialises for a
+        short last batch. On CUDA the noise is pinned, so ``run`` copies it to the device without waiting.
         """
         indices = list(indices)
-        n = len(indices)
-        if n == 0:
+        if not indices:
             raise ValueError("no indices to sample")
-        padded = indices + [indices[-1]] * max(0, (pad_to or 0) - n)
+        padded = indices + [indices[-1]] * max(0, (pad_to or 0) - len(indices))
         draws = draw_indices(padded, self.seed, self.shapes, self.cfg.data.num_classes, self.labels)
-        noise = [z.to(self.device) for z in draws.noise]
-        y = draws.y.to(self.device)
-        with self._autocast():
+        draws.count = len(indices)
+        if self.device.type == "cuda":
+            draws.noise = [z.pin_memory() for z in draws.noise]
+            draws.y = draws.y.pin_memory()
+        return draws
+
+    @torch.no_grad()
+    def run(self, draws: IndexDraws) -> Tensor:
+        """Sample the drawn batch: x (n, C, H, W) float32 in model space, on the device; reads nothing back."""
+        noise = [z.to(self.device, non_blocking=True) for z in draws.noise]
+        y = draws.y.to(self.device, non_blocking=True)
+        # No weight-cast cache: it would hold tensors made outside a CUDA graph's memory pool.
+        with autocast(self.device, self.precision, cache_enabled=False):
             if self.fast is None:
                 steps = self.cfg.sample.num_steps
                 x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise)
             else:
                 x = self.fast.sample(noise, y, previews=False).x
-        return x[:n].float(), draws.y[:n]
+        return x[: draws.count].float()
+
+    def sample(self, indices: Sequence[int], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+        """(x (n, C, H, W) float32 in model space on the device, labels (n,) on CPU) for ``indices``."""
+        draws = self.draw(indices, pad_to)
+        return self.run(draws), draws.y[: draws.count].cpu()
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> np.ndarray:

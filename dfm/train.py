@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dfm import checkpoint
 from dfm.objective import DFMObjective
+from dfm.precision import autocast, resolve_precision
 from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid
 
 
@@ -42,15 +43,17 @@ class TrainState:
 class ModelEMA:
     """An fp32, frozen full copy of the model holding the exponential moving average of its weights.
 
-    Used wherever each rank holds the full weights (ZeRO 0-2); ``dfm.launch.engine.ZeRO3EMA`` is the
-    partitioned counterpart with the same methods.
+    Used wherever each rank holds the full weights (ZeRO 0-2), where the module's parameters are the fp32
+    master weights the optimizer has just updated; ``dfm.launch.engine.ZeRO3EMA`` is the partitioned
+    counterpart with the same methods.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self._targets = list(self.model.parameters())
 
     def update_(self, model: torch.nn.Module, decay: float) -> None:
-        update_ema(self.model, model, decay)
+        update_ema(self._targets, list(model.parameters()), decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().contiguous() for k, v in self.model.state_dict().items()}
@@ -63,11 +66,12 @@ class ModelEMA:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for every parameter, in one fused foreach call."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(torch.float32) for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+def update_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * params``, tensor by tensor, in one fused foreach call.
+
+    ``params`` are read as they are (fp32 master weights): no per-step copies.
+    """
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
 def objective_from_config(cfg) -> DFMObjective:
@@ -104,7 +108,7 @@ class Trainer:
         self.cfg, self.engine, self.ema, self.loader = cfg, engine, ema, loader
         self.accum_steps, self.rank, self.config_yaml, self.writer = accum_steps, rank, config_yaml, writer
         self.device = next(engine.module.parameters()).device
-        self.dtype = next(engine.module.parameters()).dtype
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.objective = objective_from_config(cfg)
         self.generator = torch.Generator(self.device)  # reseeded for every micro-batch: seed_draws()
@@ -169,15 +173,25 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             x, y = next(data)
-            x = x.to(self.device, self.dtype, non_blocking=True)
+            x = x.to(self.device, torch.float32, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            loss, _ = self.objective(self.engine, x, y, generator=self.seed_draws(self.state.step, micro))
+            # bf16 matmuls and attention under autocast; pyramid, noising, targets and loss stay fp32
+            with autocast(self.device, self.precision):
+                loss, _ = self.objective(self.engine, x, y, generator=self.seed_draws(self.state.step, micro))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
             loss_sum += loss.detach()
         self.ema.update_(self.engine.module, self.cfg.train.ema_decay)
         self.state.step += 1
         return loss_sum
+
+    def log_metrics(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> float:
+        """Log the mean loss of the last ``steps`` steps (the one host read, at log steps only); returns it."""
+        loss = _all_reduce_mean(loss_sum / (steps * self.accum_steps)).item()
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, self.state.step)
+            self.writer.add_scalar("train/steps_per_s", steps / seconds, self.state.step)
+        return loss
 
     def fit(self) -> float | None:
         """Train until ``train.max_steps``; returns the last logged loss."""
@@ -193,15 +207,10 @@ class Trainer:
             bar.update(1)
             step = self.state.step
             if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-                n = (step - logged_at) * self.accum_steps
-                last_loss = _all_reduce_mean(loss_sum / n).item()  # the one host sync, at log steps only
+                last_loss = self.log_metrics(loss_sum, step - logged_at, time.perf_counter() - tic)
                 loss_sum.zero_()
-                rate = (step - logged_at) / (time.perf_counter() - tic)
                 tic, logged_at = time.perf_counter(), step
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", last_loss, step)
-                    self.writer.add_scalar("train/steps_per_s", rate, step)
             if step % t_cfg.sample_every == 0 or step == t_cfg.max_steps:
                 self.write_samples()
             if step % t_cfg.ckpt_every == 0 or step == t_cfg.max_steps:

@@ -32,9 +32,16 @@ Choices made here, each with its reason:
   this CPU because each rank runs the (single-threaded, here costly) AdamW step on half the parameters;
   on a GPU the fused AdamW step is a small part of a step, so 0 stays the default until a GPU
   measurement says otherwise.
-- bf16 keeps fp32 master weights in every stage (DeepSpeed's optimizer wrappers own them). Stage 1 also
-  accumulates gradients in fp32 (DeepSpeed's ``BF16_Optimizer``); stage 0 refuses fp32 accumulation, and
-  stages 2/3 reduce in the parameter dtype.
+- Precision: the engine is fp32 at every stage and bf16 comes only from ``torch.autocast`` around the
+  forward (``dfm.precision``), as in the reference. DeepSpeed's ``bf16`` section would instead cast the
+  module to bf16 (bf16 residual stream, noising, targets and loss, an EMA of bf16 weights) and at ZeRO 0
+  wrap the optimizer in a per-tensor loop with a host read per parameter; its ``torch_autocast`` section
+  keeps fp32 weights but reduces the gradients of every Linear/Conv in bf16 and exists only per process
+  (module globals). An fp32 engine runs the same, best-tested code path at ZeRO 0-3, and gradients are
+  reduced in fp32, like the reference's DDP.
+- Host syncs: none in a non-logging step at ZeRO 0-2 (``tests/test_host_sync.py`` counts them on the real
+  step): the throughput timer is off, clipping is ``dfm.optim.ClippedAdamW``'s (``optimizer_clips``), and
+  the optimizer is torch's fused AdamW. ZeRO 3 keeps DeepSpeed's two per step (see the test).
 - ZeRO-Offload (``train.offload``) refuses a client optimizer, so under offload the optimizer is declared
   in the generated config instead: DeepSpeed's CPU Adam on CUDA machines (a C++ op, built on first use)
   and ``torch.optim.AdamW`` on a CPU-only machine, where the "device" already is the host.
@@ -64,23 +71,41 @@ from dfm.train import ModelEMA
 logger = logging.getLogger(__name__)
 
 
+def training_device() -> torch.device:
+    """The one decision of where this process trains: its local GPU, or the host.
+
+    ``DS_ACCELERATOR=cpu`` (DeepSpeed's own switch) keeps a process on the host even where CUDA exists, so
+    that several CPU ranks can run on a machine with fewer GPUs than ranks; otherwise CUDA when available.
+    """
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); start at most "
+            "that many processes per node, or set DS_ACCELERATOR=cpu to train on the host"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def setup_distributed() -> tuple[int, int]:
-    """Initialise the process group (gloo on CPU, nccl on CUDA); returns (rank, world_size).
+    """Initialise the process group (gloo on the host, nccl on CUDA); returns (rank, world_size).
 
     Under ``torchrun`` / ``deepspeed`` the launcher sets RANK, WORLD_SIZE and MASTER_*; a plain single
     process gets a one-rank group on a free local port, so one code path serves every scale.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device = training_device()
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's accelerator must agree
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -88,13 +113,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def use_bf16(cfg: Config) -> bool:
-    """bf16 on CUDA by default; fp32 on CPU, where bf16 matmuls are ~40x slower than fp32."""
-    if cfg.train.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.train.precision == "bf16"
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -113,30 +131,52 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
+def optimizer_clips(cfg: Config) -> bool:
+    """Whether our optimizer clips the gradients (``dfm.optim.ClippedAdamW``) rather than DeepSpeed.
+
+    ZeRO 0-2 with the client optimizer: yes, on device, with no host read (DeepSpeed's own clipping reads
+    the norm back to the host every step, see ``dfm.optim``). ZeRO 3 computes and checks the norm inside its
+    optimizer whatever the config says, and ZeRO-Offload steps DeepSpeed's optimizer: there DeepSpeed clips.
+    """
+    return cfg.train.zero_stage < 3 and not cfg.train.offload
+
+
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for this run, derived from the run config (never hand-kept).
 
-    ``load_universal`` makes the engine read a universal checkpoint: how a run resumes at another world size.
+    The engine is always fp32 (``dfm.precision``: bf16 only inside ``torch.autocast``), so gradients are
+    fp32 and so is their all-reduce / reduce-scatter. ``load_universal`` makes the engine read a universal
+    checkpoint: how a run resumes at another world size.
     """
     micro, accum = batch_layout(cfg, world_size)
     t = cfg.train
-    bf16 = use_bf16(cfg)
+    ours = optimizer_clips(cfg)
     zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage > 0:
+        zero.update(
+            overlap_comm=t.overlap_comm,
+            contiguous_gradients=t.contiguous_gradients,
+            reduce_bucket_size=t.reduce_bucket_size,
+        )
+        if t.zero_stage < 3:
+            zero["allgather_bucket_size"] = t.allgather_bucket_size
+            if ours:
+                zero["compute_grad_norm"] = False  # the norm is ClippedAdamW's
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if ours else t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,  # progress is ours (tqdm); DeepSpeed's own print syncs
+        "steps_per_print": 1 << 30,  # progress is ours; DeepSpeed's report reads values back to the host
         "wall_clock_breakdown": False,
+        # On by default, the throughput timer synchronises the device at the start and end of every micro-step.
+        "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
     }
-    if bf16 and t.zero_stage == 1:
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer: fp32 accumulation
     if t.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        on_gpu = training_device().type == "cuda"
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         ds["optimizer"] = {
             "type": "AdamW",
             "params": {
@@ -146,7 +186,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
                 "weight_decay": t.weight_decay,
                 # DeepSpeed's CPU Adam on CUDA machines; on a CPU-only machine torch's AdamW (same update),
                 # because the CPU Adam op takes ~80 s to build there and gains nothing on a host "device"
-                "torch_adam": not torch.cuda.is_available(),
+                "torch_adam": not on_gpu,
             },
         }
     if load_universal:
@@ -168,13 +208,21 @@ def use_compile(cfg: Config) -> bool:
 
 
 def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer | None:
-    """AdamW handed to DeepSpeed; None under ZeRO-Offload, whose optimizer comes from the generated config."""
+    """AdamW handed to DeepSpeed; None under ZeRO-Offload, whose optimizer comes from the generated config.
+
+    Under ZeRO 1/2 each rank steps its slice of the flat fp32 master weights, so the clipping norm is
+    summed over the data-parallel group (here every rank: there is no model parallelism).
+    """
     if cfg.train.offload:
         return None
-    from dfm.compile import make_optimizer
+    from dfm.optim import make_optimizer
 
     t = cfg.train
-    return make_optimizer(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    clip = t.grad_clip if optimizer_clips(cfg) else None
+    group = dist.group.WORLD if t.zero_stage in (1, 2) else None
+    return make_optimizer(
+        model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, max_norm=clip, norm_group=group
+    )
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
@@ -205,11 +253,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
 class ZeRO3EMA:
     """EMA of a ZeRO-3 model, kept as each rank's fp32 EMA of its own parameter partitions.
 
-    Each step is a local ``lerp`` of the partitions DeepSpeed has just updated (``param.ds_tensor``): no
-    communication, and 1/world_size of the model's memory. :meth:`state_dict` gathers the full weights to
+    Each step is one local ``lerp`` of the fp32 partitions DeepSpeed has just updated (``param.ds_tensor``):
+    no communication, and 1/world_size of the model's memory. :meth:`state_dict` gathers the full weights to
     rank 0 (a collective: every rank calls it), :meth:`load_state_dict` takes full weights on every rank and
     keeps this rank's slice, :meth:`module` builds the full EMA model on rank 0 for sampling.
-    Under bf16 the partitions are the bf16 working weights, as the full-copy EMA reads the bf16 module.
     """
 
     def __init__(self, module: torch.nn.Module, make_module: Callable[[], torch.nn.Module]):
@@ -219,14 +266,15 @@ class ZeRO3EMA:
         if missing:
             raise ValueError(f"ZeRO3EMA needs ZeRO-3 partitioned parameters; not partitioned: {missing[:3]}")
         self.shards = {name: p.ds_tensor.detach().float().clone() for name, p in self.params.items()}
+        self._targets = list(self.shards.values())
         self.buffers = {k: v.detach().float().clone() for k, v in module.state_dict().items() if k not in self.params}
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     @torch.no_grad()
     def update_(self, model: torch.nn.Module, decay: float) -> None:
         """``ema = decay * ema + (1 - decay) * partition`` for this rank's partitions, in one foreach call."""
-        current = [p.ds_tensor.detach().to(torch.float32) for p in self.params.values()]
-        torch._foreach_lerp_(list(self.shards.values()), current, 1.0 - decay)
+        # ds_tensor is read each step (DeepSpeed may rebind it, e.g. on load); fp32 as the engine is: no copies
+        torch._foreach_lerp_(self._targets, [p.ds_tensor for p in self.params.values()], 1.0 - decay)
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:

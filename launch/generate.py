@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dfm import generation
 from dfm.config import ConfigError, SampleConfig
+from dfm.precision import PRECISIONS, resolve_precision
 
 SAMPLE_KEYS = set(SampleConfig.__dataclass_fields__)
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="staged-sampler execution (auto: CUDA graphs on CUDA, eager on CPU)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU")  # fmt: skip
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="model precision (auto: bf16 autocast on CUDA, fp32 on CPU)")  # fmt: skip
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop each rank after this many batches (finish later with the same command)")  # fmt: skip
@@ -82,11 +83,14 @@ def sampling_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _device(requested: str) -> torch.device:
+    """``--device`` through the one decision of ``training_device``; ``cpu`` keeps every rank on the host."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was given but CUDA is not available")
-    if requested != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by setup_distributed
-    return torch.device("cpu")
+    if requested == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # also gloo instead of nccl, and no GPU per rank needed
+    from dfm.launch.engine import training_device
+
+    return training_device()
 
 
 def _broadcast_error(message: str | None) -> str | None:
@@ -147,6 +151,7 @@ def generate(args: argparse.Namespace) -> Path | None:
     """Run ``dfm generate`` on this rank; returns the merged ``.npz`` (rank 0, once complete) or None."""
     from dfm.launch.engine import setup_distributed
 
+    device = _device(args.device)  # before the process group: it picks the backend
     rank, world_size = setup_distributed()
     out = Path(args.out)
     parts = generation.parts_dir(out)
@@ -154,8 +159,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         if rank == 0:
             print(f"dfm generate: {out} already exists; delete it to generate again")
         return out
-    device = _device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     model, cfg, ckpt, vae = load(args, device)
 
     error = None

@@ -64,7 +64,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None):
     ``resume_from``: the checkpoint the trainer will resume, so that the engine is built to read it (as a
     universal checkpoint when it was written at another world size).
     """
-    from dfm.launch.engine import batch_layout, build_engine, setup_distributed
+    from dfm.launch.engine import batch_layout, build_engine, setup_distributed, training_device
 
     from dfm import checkpoint
     from dfm.data import build_loader
@@ -73,7 +73,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None):
 
     rank, world_size = setup_distributed()
     micro, accum = batch_layout(cfg, world_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, **cfg.model_overrides()).to(device)
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size, cfg.train.zero_stage)

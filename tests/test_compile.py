@@ -13,17 +13,11 @@ import dataclasses
 import pytest
 import torch
 
-from dfm.compile import (
-    autocast,
-    compile_model,
-    compile_stats,
-    default_precision,
-    log_attention_backend,
-    make_optimizer,
-    optimizer_impl,
-)
+from dfm.compile import compile_model, compile_stats, log_attention_backend
 from dfm.models import build_model
 from dfm.objective import DFMObjective, noise_stages
+from dfm.optim import make_optimizer, optimizer_impl
+from dfm.precision import autocast
 from dfm.pyramid import decompose
 
 BATCH, SIZE, CLASSES = 3, 16, 10
@@ -144,44 +138,6 @@ def test_steady_state_training_step_has_no_recompiles_or_graph_breaks(models, ba
     # The copy trained its own parameters; the shared fixture's weights are untouched.
     assert not torch.equal(model.blocks[0].attn.qkv.weight, compiled.blocks[0].attn.qkv.weight)
     assert torch.equal(compiled.blocks[0].attn.qkv.weight, eager.blocks[0].attn.qkv.weight)
-
-
-def test_make_optimizer_on_cpu_is_plain_adamw_with_the_reference_update():
-    torch.manual_seed(3)
-    w = torch.nn.Parameter(torch.randn(5, 4))
-    w_ref = torch.nn.Parameter(w.detach().clone())
-    opt = make_optimizer([w], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    ref = torch.optim.AdamW([w_ref], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    assert optimizer_impl("cpu") == "torch"
-    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"]
-    for _ in range(3):
-        grad = torch.randn(5, 4)
-        w.grad, w_ref.grad = grad.clone(), grad.clone()
-        opt.step()
-        ref.step()
-    assert torch.equal(w, w_ref)
-    # Param groups are accepted as well as tensors.
-    groups = make_optimizer([{"params": [w], "weight_decay": 0.0}], lr=1e-3)
-    assert groups.param_groups[0]["weight_decay"] == 0.0
-
-
-def test_forced_optimizer_impls_fail_clearly_where_they_cannot_run():
-    with pytest.raises(ValueError, match="impl"):
-        optimizer_impl("cpu", "lamb")
-    with pytest.raises(RuntimeError, match="apex"):
-        optimizer_impl("cpu", "apex")
-    assert optimizer_impl("cuda") in ("torch_fused", "apex")
-
-
-def test_autocast_precision_defaults():
-    assert default_precision("cpu") == "fp32" and default_precision("cuda") == "bf16"
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with autocast("cpu"):
-        assert (a @ b).dtype == torch.float32
-    with autocast("cpu", "bf16"):
-        assert (a @ b).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="precision"):
-        autocast("cpu", "fp8")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

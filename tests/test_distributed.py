@@ -45,6 +45,9 @@ TINY = [
 ]
 # Max |difference| of fp32 weights between layouts that sum the same gradients in another order, after
 # STEPS AdamW steps of lr 1e-3 (measured: 3e-8; the weights move by 4e-3 between steps 2 and STEPS).
+# Gradient clipping (train.grad_clip 1.0) is active in every step here (global norms 1.5-3.4 measured),
+# so the layouts also agree on the clipping norm: summed over the ranks' partitions at ZeRO 1/2
+# (dfm.optim.ClippedAdamW), DeepSpeed's at ZeRO 3, local at ZeRO 0.
 TOL = 1e-6
 
 
@@ -276,20 +279,21 @@ def test_compile_is_wired_below_zero3_and_falls_back_with_a_reason(out, caplog):
     assert "running eager under ZeRO-3" in caplog.text
 
 
-def test_bf16_keeps_fp32_master_weights(out):
-    """One tiny bf16 case (bf16 is emulated on CPU): ZeRO-1 with fp32 accumulation and master weights."""
+def test_bf16_autocast_trains_fp32_master_weights(out):
+    """One tiny bf16 case (bf16 is emulated on CPU): ZeRO-1 under autocast keeps every weight in fp32, and
+    the optimizer's flat fp32 partition is the module's weights themselves (no bf16 working copy)."""
     from dfm.launch.train import run
 
     loss = run(tiny(out, "exp_name=bf16", "train.zero_stage=1", "train.precision=bf16", "train.max_steps=2"))
-    assert loss is not None and loss == loss
+    assert loss is not None and 0 < loss < 10
     saved = ckpt(out / "bf16", 2)
     raw, ema = weights(saved)
-    assert all(v.dtype == torch.bfloat16 for v in raw.values()) and all(v.dtype == torch.float32 for v in ema.values())
+    assert all(v.dtype == torch.float32 for v in raw.values()) and all(v.dtype == torch.float32 for v in ema.values())
     (optim_file,) = saved.glob("*optim_states.pt")
     master = torch.load(optim_file, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     working = torch.cat([v.flatten() for v in raw.values()])  # the flat group follows the parameter order
-    assert master.dtype == torch.float32 and torch.equal(master[: working.numel()].bfloat16(), working)
-    assert not torch.equal(master[: working.numel()], working.float())  # the master keeps the bits bf16 drops
+    assert master.dtype == torch.float32 and torch.equal(master[: working.numel()], working)
+    assert not torch.equal(working.bfloat16().float(), working)  # weights carry bits that bf16 would drop
 
 
 def test_deepspeed_config_layouts_and_offload(out):
@@ -305,7 +309,8 @@ def test_deepspeed_config_layouts_and_offload(out):
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         batch_layout(cfg, 16)  # 32 x 16 > 256
     ds = deepspeed_config(tiny(out, "train.zero_stage=1", "train.precision=bf16"), 2, load_universal=True)
-    assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert "bf16" not in ds and "data_types" not in ds  # an fp32 engine: bf16 comes from autocast alone
+    assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert ds["checkpoint"]["load_universal"]
     offload = tiny(out, "train.zero_stage=2", "train.offload=true")
     ds = deepspeed_config(offload, 2)

@@ -96,6 +96,9 @@ class DaliLatentLoader(_StreamState):
             py_start_method="spawn",
         )
         def latent_pipeline():
+            # In parallel mode each worker prepares one batch per slot of the source's own queue (default 1):
+            # with one slot per worker, every worker has a batch in flight instead of all but one idling.
+            queue = {"prefetch_queue_depth": max(self.num_workers, 1)} if parallel else {}
             moments, y = fn.external_source(
                 source,
                 num_outputs=2,
@@ -104,6 +107,7 @@ class DaliLatentLoader(_StreamState):
                 parallel=parallel,
                 dtype=[_dali_type(self.store.dtype), types.INT64],
                 ndim=[3, 0],
+                **queue,
             )
             if on_gpu:
                 moments, y = moments.gpu(), y.gpu()

@@ -1,0 +1,59 @@
+"""Suite-wide set-up: the ``cuda`` marker, IEEE fp32 on GPUs, and deterministic CUDA for bitwise tests.
+
+- ``pytest -m cuda`` selects every CUDA-only test: a test is marked when one of its skip conditions says
+  ``needs CUDA`` (the project's wording for a CUDA-only skip) or when it is parametrised on the ``"cuda"``
+  device. On a machine without CUDA those tests show as skipped; ``gpu_check.sh`` runs them on a GPU.
+- fp32 parity tests compare against fp64 references with fp32 tolerances; TF32 convolutions and matmuls
+  (cuDNN's default for convolutions) would round to 10 mantissa bits and fail them with correct code.
+- The ``deterministic`` fixture makes CUDA runs bitwise reproducible (deterministic algorithms, cuBLAS
+  workspace, the math attention backend), for the tests that compare two runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_SKIP_REASON = "needs CUDA"
+
+if HAS_CUDA:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first initialises
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def needs_cuda(item: pytest.Item) -> bool:
+    """Whether ``item`` is a CUDA-only test (see the module docstring)."""
+    if item.get_closest_marker("cuda") is not None:
+        return True
+    for mark in item.iter_markers("skipif"):
+        if str(mark.kwargs.get("reason", "")).startswith(CUDA_SKIP_REASON):
+            return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, (str, torch.device)) and str(v).startswith("cuda") for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_cuda(item):
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture
+def deterministic():
+    """Bitwise-reproducible CUDA kernels for the duration of a test (a no-op without CUDA)."""
+    if not HAS_CUDA:
+        yield
+        return
+    from dfm import attention
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with attention.forced_backend("math"):  # SDPA's fused backward kernels accumulate with atomics
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
