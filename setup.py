@@ -9,10 +9,12 @@ setup(
     # a top-level "kernels" would clash with the PyPI package of that name.
     packages=find_packages(include=["dfm", "dfm.*"]) + ["dfm.kernels", "dfm.launch"],
     package_dir={"dfm": "dfm", "dfm.kernels": "kernels", "dfm.launch": "launch"},
+    # The floor is what current CUDA images ship (torch 2.11, Triton 3.6); CI pins torch 2.13.0 with the
+    # Triton its CUDA build uses (3.7.1). Nothing here uses an API newer than that floor.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
-        "triton",
+        "triton>=3.6",
         "deepspeed>=0.16",
         "nvidia-dali-cuda130",  # imports without a GPU; CPU pipelines run anywhere
         "pyyaml",

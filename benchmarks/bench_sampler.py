@@ -22,9 +22,9 @@ import torch
 from conftest import DEVICE, HAS_CUDA, synchronize
 
 from dfm import flops
-from dfm.compile import autocast
 from dfm.fast_sampling import FastStagedSampler
 from dfm.models import build_model
+from dfm.precision import autocast
 from dfm.sampling import StagedSampler, stage_noise, staged_schedule
 
 MODEL = os.environ.get("DFM_BENCH_MODEL", "DFM-SiT-S/2")

@@ -1,115 +1,215 @@
-"""Training-step throughput, eager vs compiled, for DFM-SiT-S/2 and DFM-SiT-B/2 on 32x32x4 latents.
+"""The training step ``dfm train`` runs, against a plain reference step, on 32x32x4 latents (256 px SD-VAE).
 
 ``pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json``, then
-``python benchmarks/render.py train_step.json``. One step is the full training step: pyramid split,
-noising, forward (bf16 autocast on CUDA, fp32 on CPU), masked loss, backward, gradient clipping and
-AdamW (``dfm.compile.make_optimizer``). ``compile`` compiles each transformer block
-(``dfm.compile.compile_model``); its first step, which compiles the forward and backward graphs, is
-timed separately (``first_call_s``) from the steady state. ``extra_info`` holds images/s and, on CUDA,
-achieved TFLOP/s and MFU against the card's bf16 peak (``dfm.flops``).
+``python benchmarks/render.py train_step.json``. Providers, each on the same model, initial weights, batch
+and optimizer settings (AdamW lr 1e-4, clipping 1.0, EMA 0.9999):
 
-``test_optimizer_step`` times the AdamW implementations alone on the B/2 parameters (apex on CUDA
-when installed), which is the measurement behind ``dfm.compile.APEX_FASTER``.
+- ``reference``: the plain step of the authors' kind of code, written out below: the eager model,
+  ``torch.optim.AdamW(foreach=True)``, ``torch.nn.utils.clip_grad_norm_``, the per-parameter EMA update of
+  DiT/SiT (``ema.mul_(d).add_(p, alpha=1 - d)``), fp32 on CPU and bf16 autocast on CUDA.
+- ``engine``: ``Trainer.train_step`` on the DeepSpeed engine and EMA that ``dfm.launch.train.build_trainer``
+  makes from a run config (``dfm train``'s own path), ZeRO 0, one rank.
+- ``engine+compile``: the same with ``train.compile=true``; its first step (the compile) is timed apart.
 
-Sizes: ``DFM_BENCH_BATCH`` and ``DFM_BENCH_ROUNDS`` override the batch and the timed rounds (CUDA: 64
-and 20, CPU: 2 and 3, where a B/2 step takes seconds).
+Reported per provider: seconds per step (the median), images/s, peak memory, and on CUDA TFLOP/s and MFU
+against the card's bf16 peak (``dfm.flops``). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA;
+on CPU, where torch keeps no allocator statistics, it is the growth of the resident set of a fresh process
+(``python benchmarks/bench_train_step.py --peak MODEL PROVIDER BATCH``) from after its imports to the end of
+three steps: the model, optimizer state, EMA and one step's activations, as training holds them.
+
+Cases: ``DFM-SiT-B/8`` (16 tokens: the optimizer, clipping and EMA over 132 M parameters dominate) and
+``DFM-SiT-B/2`` (256 tokens: the matmuls dominate). ``DFM_BENCH_BATCH`` / ``DFM_BENCH_ROUNDS`` override the
+batch and the timed rounds (CUDA: 64 and 20; CPU: 8 and 3).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, synchronize
 
-from dfm import compile as dfm_compile
-from dfm import flops
-from dfm.compile import autocast, compile_model, make_optimizer
-from dfm.models import build_model
-from dfm.objective import DFMObjective
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
+from conftest import DEVICE, HAS_CUDA, synchronize  # noqa: E402
 
-MODELS = ["DFM-SiT-S/2", "DFM-SiT-B/2"]
-BATCH = int(os.environ.get("DFM_BENCH_BATCH", 64 if HAS_CUDA else 2))
+from dfm import flops  # noqa: E402
+from dfm.config import load_config  # noqa: E402
+from dfm.models import build_model  # noqa: E402
+from dfm.objective import DFMObjective  # noqa: E402
+from dfm.precision import autocast  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["DFM-SiT-B/8", "DFM-SiT-B/2"]
+PROVIDERS = ["reference", "engine", "engine+compile"]
+BATCH = int(os.environ.get("DFM_BENCH_BATCH", 64 if HAS_CUDA else 8))
 ROUNDS = int(os.environ.get("DFM_BENCH_ROUNDS", 20 if HAS_CUDA else 3))
 LATENT = (4, 32, 32)  # SD-VAE latents of 256 px images
+CLASSES = 1000
+LR, CLIP, EMA_DECAY = 1e-4, 1.0, 0.9999
 
 
-def _record(benchmark, first_call_s: float, images: int | None = None, flops_per_image: int | None = None) -> None:
-    """Images/s (and TFLOP/s, MFU on CUDA) from the steady-state median into ``extra_info``."""
-    benchmark.extra_info["first_call_s"] = round(first_call_s, 3)
-    benchmark.extra_info["device"] = flops.device_name(DEVICE)
-    benchmark.extra_info["torch"] = torch.__version__
-    if benchmark.stats is None or images is None:  # --benchmark-disable: ran once as a smoke test
+def batch(device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, *LATENT, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return x.to(device), y.to(device)
+
+
+# -- reference: the plain step ---------------------------------------------------------------------------
+
+
+def reference_step(model_name: str):
+    """A plain training step: what ``engine`` must beat. Returns ``(step, model)``."""
+    torch.manual_seed(0)
+    model = build_model(model_name, input_size=LATENT[1], num_classes=CLASSES).to(DEVICE)
+    ema = build_model(model_name, input_size=LATENT[1], num_classes=CLASSES).to(DEVICE).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=True)
+    objective = DFMObjective(stages=model.stages, num_classes=CLASSES)
+    x, y = batch(DEVICE)
+    generator = torch.Generator(DEVICE).manual_seed(2)
+
+    def step():
+        with autocast(DEVICE):
+            loss, _ = objective(model, x, y, generator=generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.mul_(EMA_DECAY).add_(p, alpha=1 - EMA_DECAY)
+        return loss.detach()
+
+    return step, model
+
+
+# -- engine: the step dfm train runs ---------------------------------------------------------------------
+
+
+def latent_store(root: Path) -> Path:
+    """A small store of 32x32x4 moments, so that the run config is the one an ImageNet run uses."""
+    from dfm.data.latents import write_store
+
+    rng = np.random.default_rng(0)
+    moments = np.concatenate([rng.standard_normal((64, 4, 32, 32)), np.full((64, 4, 32, 32), 0.1)], axis=1)
+    return write_store(root, moments.astype(np.float16), rng.integers(0, CLASSES, 64), num_classes=CLASSES)
+
+
+def engine_step(model_name: str, compiled: bool, workdir: Path):
+    """``Trainer.train_step`` on the engine ``build_trainer`` makes; returns ``(step, model)``."""
+    from dfm.launch.train import build_trainer
+
+    overrides = [
+        f"model={model_name}",
+        f"data.data_dir={latent_store(workdir / 'store')}",
+        f"output_dir={workdir}",
+        f"train.global_batch_size={BATCH}",
+        f"train.lr={LR}",
+        f"train.grad_clip={CLIP}",
+        f"train.ema_decay={EMA_DECAY}",
+        f"train.compile={str(compiled).lower()}",
+        "train.zero_stage=0",  # one rank: the recipe's ZeRO 2 would only add partition bookkeeping
+        "data.num_workers=0",
+    ]
+    torch.manual_seed(0)
+    trainer = build_trainer(load_config(ROOT / "configs" / "dfm_sit_xl_256.yaml", overrides))
+    x, y = batch(DEVICE)
+
+    def data():
+        while True:
+            yield x, y
+
+    stream = data()
+    return (lambda: trainer.train_step(stream)), trainer.engine.module
+
+
+def make_step(model_name: str, provider: str, workdir: Path):
+    if provider == "reference":
+        return reference_step(model_name)
+    return engine_step(model_name, provider == "engine+compile", workdir)
+
+
+# -- peak memory -----------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_here(model_name: str, provider: str) -> float:
+    """MB: the growth of this (fresh) process's resident set over building the provider and three steps."""
+    import deepspeed  # noqa: F401  (every provider's process holds the same imports before the baseline)
+
+    before = _rss_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        step, _ = make_step(model_name, provider, Path(tmp))
+        for _ in range(3):
+            step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return (peak - before) / 2**20
+
+
+def peak_memory(model_name: str, provider: str) -> float:
+    """MB of peak memory of ``provider``'s training (see the module docstring)."""
+    if HAS_CUDA:
+        return torch.cuda.max_memory_allocated() / 2**20
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak", model_name, provider, str(BATCH)],
+        capture_output=True, text=True, env=env, timeout=900, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_train_step(benchmark, tmp_path, model_name, provider):
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    step, model = make_step(model_name, provider, tmp_path)
+
+    def timed():
+        step()
+        synchronize()
+
+    start = time.perf_counter()
+    timed()  # compiles the forward and backward graphs under engine+compile; lazy optimizer state
+    first = time.perf_counter() - start
+    timed()  # one more untimed step: allocator and autotuning caches settle
+    benchmark.group = f"train_step {model_name} batch={BATCH} {'x'.join(map(str, LATENT))}"
+    benchmark.extra_info.update(provider=provider, batch=BATCH, first_call_s=round(first, 3))
+    benchmark.extra_info.update(device=flops.device_name(DEVICE), torch=torch.__version__)
+    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran as a smoke test
         return
     median = benchmark.stats.stats.median
-    benchmark.extra_info["images_per_s"] = round(images / median, 2)
-    if flops_per_image is not None and HAS_CUDA:
-        achieved = flops_per_image * images / median
+    benchmark.extra_info["s_per_step"] = round(median, 4)
+    benchmark.extra_info["images_per_s"] = round(BATCH / median, 2)
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory(model_name, provider), 1)
+    if HAS_CUDA:
+        achieved = flops.training_flops(model.config) * BATCH / median
         benchmark.extra_info["tflops"] = round(achieved / 1e12, 1)
-        utilisation = flops.mfu(flops_per_image, images / median, flops.device_name(DEVICE))
+        utilisation = flops.mfu(flops.training_flops(model.config), BATCH / median, flops.device_name(DEVICE))
         if utilisation is not None:
             benchmark.extra_info["mfu"] = round(utilisation, 3)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile"])
-@pytest.mark.parametrize("model_name", MODELS)
-def test_train_step(benchmark, model_name, provider):
-    torch.manual_seed(0)
-    model = build_model(model_name, input_size=LATENT[1], num_classes=1000).to(DEVICE)
-    if provider == "compile":
-        compile_model(model, scope="blocks")
-    optimizer = make_optimizer(model.parameters(), lr=1e-4)
-    objective = DFMObjective(stages=model.stages, num_classes=1000)
-    x = torch.randn(BATCH, *LATENT, device=DEVICE)
-    y = torch.randint(0, 1000, (BATCH,), device=DEVICE)
-
-    def step():
-        with autocast(DEVICE):
-            loss, _ = objective(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize()
-
-    start = time.perf_counter()
-    step()  # compiles forward and backward graphs under "compile"
-    first = time.perf_counter() - start
-    step()  # one more untimed step: allocator and autotuning caches settle
-    benchmark.group = f"train_step {model_name} batch={BATCH} {'x'.join(map(str, LATENT))}"
-    benchmark.extra_info.update(provider=provider, batch=BATCH, precision=dfm_compile.default_precision(DEVICE))
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
-    _record(benchmark, first, BATCH, flops.training_flops(model.config))
-
-
-def _impls():
-    impls = ["torch", "torch_fused"]
-    if HAS_CUDA:
-        impls.append(
-            pytest.param("apex", marks=pytest.mark.skipif(dfm_compile.ApexFusedAdam is None, reason="apex not built"))
-        )
-    return impls
-
-
-@pytest.mark.parametrize("impl", _impls())
-def test_optimizer_step(benchmark, impl):
-    torch.manual_seed(0)
-    model = build_model("DFM-SiT-B/2", input_size=LATENT[1], num_classes=1000).to(DEVICE)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer = make_optimizer(model.parameters(), lr=1e-4, impl=impl)
-
-    def step():
-        optimizer.step()
-        synchronize()
-
-    start = time.perf_counter()
-    step()  # allocates the moment buffers
-    first = time.perf_counter() - start
-    benchmark.group = "adamw_step DFM-SiT-B/2"
-    # The "eager" name makes plain torch.optim.AdamW the baseline of this group's ratios.
-    benchmark.extra_info.update(provider="eager" if impl == "torch" else impl)
-    benchmark.pedantic(step, rounds=ROUNDS * 3, iterations=1)
-    _record(benchmark, first)
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--peak":
+        BATCH = int(sys.argv[4])
+        print(json.dumps({"peak_mem_mb": peak_memory_here(sys.argv[2], sys.argv[3])}))
+    else:
+        sys.exit("usage: python benchmarks/bench_train_step.py --peak MODEL PROVIDER BATCH")

@@ -10,7 +10,8 @@ steady-state steps; the request and reply add ~0.2 ms. A summary prints each sta
 its slowdown against ZeRO 0.
 
 Two model sizes: ``tiny`` (depth 2, width 64, 0.2 M parameters), where host overhead dominates, and
-``S/2`` (DFM-SiT-S/2, 33 M parameters), with 16x16 digits, micro batch 8 per rank. Measured results and
+``S/2`` (DFM-SiT-S/2, 33 M parameters), with 16x16 digits, micro batch 8 per rank. On ZeRO 2 of ``S/2`` the
+gradient-communication settings are compared too: ``overlap_comm`` off, and 100x smaller buckets. Measured results and
 the hardware they came from are in the docstring of ``dfm.launch.engine``.
 """
 
@@ -35,28 +36,39 @@ MODELS = {
     "S/2": ["arch.depth=12", "arch.hidden_size=384", "arch.num_heads=6"],
 }
 STAGES = [0, 1, 2, 3]
-_medians: dict[str, dict[int, float]] = {}
+# Gradient-communication settings (train.overlap_comm, bucket sizes), compared on ZeRO 2 of the larger model.
+VARIANTS = {
+    "default": [],
+    "no_overlap": ["train.overlap_comm=false"],
+    "small_buckets": ["train.reduce_bucket_size=5000000", "train.allgather_bucket_size=5000000"],
+}
+CASES = [(m, s, "default") for m in MODELS for s in STAGES] + [("S/2", 2, v) for v in VARIANTS if v != "default"]
+_medians: dict[str, dict[str, float]] = {}
 
 
-def config(model: str, stage: int, out: Path):
+def config(model: str, stage: int, out: Path, variant: str = "default"):
     from dfm.config import load_config
 
-    overrides = MODELS[model] + [
-        "train.global_batch_size=16",
-        "train.micro_batch_size=8",
-        f"train.zero_stage={stage}",
-        "train.precision=fp32" if not torch.cuda.is_available() else "train.precision=bf16",
-        f"output_dir={out}",
-        f"exp_name=zero{stage}",
-    ]
+    overrides = (
+        MODELS[model]
+        + VARIANTS[variant]
+        + [
+            "train.global_batch_size=16",
+            "train.micro_batch_size=8",
+            f"train.zero_stage={stage}",
+            "train.precision=fp32" if not torch.cuda.is_available() else "train.precision=bf16",
+            f"output_dir={out}",
+            f"exp_name=zero{stage}",
+        ]
+    )
     return load_config(ROOT / "configs" / "dfm_digits.yaml", overrides)
 
 
-def worker(model: str, stage: int, out: Path, port: int) -> None:
+def worker(model: str, stage: int, out: Path, port: int, variant: str) -> None:
     """Inside the 2-rank job: build the trainer, warm up, then take one step per request until told to stop."""
     from dfm.launch.train import build_trainer
 
-    trainer = build_trainer(config(model, stage, out))
+    trainer = build_trainer(config(model, stage, out, variant))
     data = iter(trainer.loader)
     for _ in range(WARMUP):
         trainer.train_step(data)
@@ -87,17 +99,14 @@ def summary(request):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     with capture.global_and_fixture_disabled():  # fixture teardown output is captured otherwise
         reporter.write_sep("-", f"2-rank training step, median and time relative to ZeRO 0 ({device})")
-        for model, by_stage in _medians.items():
-            base = by_stage.get(0)
-            cells = [
-                f"ZeRO {s} {t * 1e3:.1f} ms" + (f" ({t / base:.2f}x)" if base else "") for s, t in by_stage.items()
-            ]
+        for model, by_case in _medians.items():
+            base = by_case.get("ZeRO 0")
+            cells = [f"{c} {t * 1e3:.1f} ms" + (f" ({t / base:.2f}x)" if base else "") for c, t in by_case.items()]
             reporter.write_line(f"{model}: " + ", ".join(cells))
 
 
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("model", list(MODELS))
-def test_zero_stage_step(benchmark, tmp_path, model, stage):
+@pytest.mark.parametrize("model, stage, variant", CASES)
+def test_zero_stage_step(benchmark, tmp_path, model, stage, variant):
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("two ranks need two GPUs")
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(minutes=10))
@@ -105,7 +114,7 @@ def test_zero_stage_step(benchmark, tmp_path, model, stage):
     env |= {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu", "TMPDIR": str(tmp_path)}
     env.pop("MASTER_PORT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, model,
-           str(stage), str(tmp_path), str(store.port)]  # fmt: skip
+           str(stage), str(tmp_path), str(store.port), variant]  # fmt: skip
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -118,7 +127,8 @@ def test_zero_stage_step(benchmark, tmp_path, model, stage):
             store.get(f"done/{i}")
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        benchmark.extra_info.update(model=model, zero_stage=stage, ranks=2, device=device)
+        benchmark.extra_info.update(model=model, zero_stage=stage, ranks=2, device=device, variant=variant)
+        benchmark.extra_info["provider"] = f"ZeRO {stage}" + ("" if variant == "default" else f" {variant}")
         benchmark.group = f"zero-{model}"
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
         store.set(f"go/{next(rounds)}", "stop")
@@ -130,8 +140,8 @@ def test_zero_stage_step(benchmark, tmp_path, model, stage):
             job.kill()
             job.wait()
     if benchmark.stats is not None:
-        _medians.setdefault(model, {})[stage] = benchmark.stats.stats.median
+        _medians.setdefault(model, {})[benchmark.extra_info["provider"]] = benchmark.stats.stats.median
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    worker(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

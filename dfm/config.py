@@ -73,8 +73,8 @@ class TrainConfig:
     # ZeRO >= 1 gradient communication (launch/engine.py says why these values)
     overlap_comm: bool = True  # reduce gradient buckets during backward (ZeRO 2, 3) instead of after it
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000  # elements per reduction bucket
-    allgather_bucket_size: int = 500_000_000  # elements per all-gather of updated weights (ZeRO 1, 2)
+    reduce_bucket_size: int = 50_000_000  # elements per reduction bucket
+    allgather_bucket_size: int = 50_000_000  # elements per all-gather of updated weights (ZeRO 1, 2)
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 1000

@@ -16,10 +16,15 @@ reads them (and makes a one-rank group for a plain process), so the same loop ru
 Choices made here, each with its reason:
 
 - ZeRO stage ``train.zero_stage`` 0-3. Stage 0 is plain data parallelism; 1 partitions the optimizer
-  state, 2 also the gradients, 3 also the parameters. The default stays 0 as long as the model and its
-  AdamW state fit on one device (SiT-XL/2, 675 M parameters, in bf16 with fp32 master weights and AdamW:
-  ~11 GB before activations). ``benchmarks/bench_zero.py``, two ranks on a shared 2-core AVX2 CPU (gloo,
-  fp32, medians of 10 steps, 2026-11-25), step time relative to ZeRO 0:
+  state, 2 also the gradients, 3 also the parameters. One process (the digits runs) defaults to 0. The
+  multi-GPU recipes (``configs/*xl*.yaml``) use ZeRO 2 with ``overlap_comm``: DeepSpeed's ZeRO 0 reduces
+  the gradients only after backward has finished, in one exposed all-reduce (2.7 GB of fp32 gradients per
+  step for SiT-XL/2), while ZeRO 2 reduce-scatters each bucket as soon as backward has produced it, so the
+  reduction runs under the remaining backward, and each rank keeps 1/N of the gradients and AdamW state;
+  what stays exposed is the all-gather of the updated weights after the step (half an all-reduce's
+  traffic). That is a reasoned choice, not yet a GPU measurement: ``benchmarks/bench_zero.py`` has only run
+  on a 2-core CPU, where gloo and the CPU accelerator (no streams) cannot overlap anything. Its numbers (two
+  ranks, gloo, fp32, medians of 10 steps, 2026-11-25), step time relative to ZeRO 0:
 
   ================================  ======  ======  ======  ======
   model                             ZeRO 0  ZeRO 1  ZeRO 2  ZeRO 3
@@ -28,10 +33,12 @@ Choices made here, each with its reason:
   DFM-SiT-S/2 (33 M params)         3.5 s   0.86x   1.33x   1.63x
   ================================  ======  ======  ======  ======
 
-  Host overhead makes every stage above 0 slower on the small model. On the 33 M model ZeRO 1 wins on
-  this CPU because each rank runs the (single-threaded, here costly) AdamW step on half the parameters;
-  on a GPU the fused AdamW step is a small part of a step, so 0 stays the default until a GPU
-  measurement says otherwise.
+- Gradient communication (``train.overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``,
+  ``allgather_bucket_size``, ZeRO >= 1). Overlap on; contiguous gradients on (DeepSpeed's default: no
+  fragmentation of the gradient memory). Buckets of 5e7 elements (200 MB of fp32) rather than DeepSpeed's
+  5e8: with 5e8 the first bucket of SiT-XL/2 (675 M gradients) would fill only after three quarters of
+  backward, leaving little to overlap; 5e7 gives 14 reductions per step, each large enough for NCCL to run
+  near its bandwidth, and overlap_comm's two bucket buffers cost 400 MB instead of 4 GB.
 - Precision: the engine is fp32 at every stage and bf16 comes only from ``torch.autocast`` around the
   forward (``dfm.precision``), as in the reference. DeepSpeed's ``bf16`` section would instead cast the
   module to bf16 (bf16 residual stream, noising, targets and loss, an EMA of bf16 weights) and at ZeRO 0
@@ -243,6 +250,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
         optimizer=client_optimizer(cfg, model),
         config=deepspeed_config(cfg, world_size, load_universal=load_universal),
     )
+    if world_size == 1 and cfg.train.zero_stage == 0:
+        # Nothing to reduce on one rank, but DeepSpeed would still flatten every gradient into a buffer of the
+        # model's size, "all-reduce" it and copy it back: three passes over the gradients per step.
+        engine.enable_backward_allreduce = False
     if ema is None:
         from dfm.models import build_model
 
