@@ -1,0 +1,138 @@
+"""Small process-wide helpers every layer uses: atomic files, log-once messages, environment switches.
+
+Atomic files. A reader (another rank, a resumed run, a crash-restarted job) must see a file whole or not
+at all: everything is written under a temporary name in the destination's folder, flushed and fsynced,
+then renamed into place with ``os.replace`` (atomic on POSIX), and the folder is fsynced so that the rename
+itself survives a power loss. The temporary name carries the process id, so several ranks may write the
+same file at once. A failed write leaves the old file (if any) and removes its temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# -- atomic files ------------------------------------------------------------------------------------------
+
+
+def temporary_name(path: str | Path) -> Path:
+    """The hidden sibling ``.<name>.tmp<pid>`` a write of ``path`` goes through."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or creation inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_durably(tmp: str | Path, path: str | Path) -> None:
+    """fsync ``tmp``, rename it to ``path`` and fsync the folder."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to (by any writer); renamed into place on success."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """``open`` for writing whose file appears at ``path`` only once complete (``mode`` ``"w"`` or ``"wb"``)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+
+
+# -- log once ----------------------------------------------------------------------------------------------
+
+_logged: set[tuple] = set()
+
+
+def log_once(logger: logging.Logger, key: tuple | str, message: str, *args, level: int = logging.INFO) -> bool:
+    """Log ``message`` the first time ``key`` is seen in this process (e.g. a fast path's fallback reason)."""
+    full = (logger.name, key)
+    if full in _logged:
+        return False
+    _logged.add(full)
+    logger.log(level, message, *args)
+    return True
+
+
+# -- environment switches ----------------------------------------------------------------------------------
+
+
+def env_switch(name: str, aliases: dict[str, str], default: str) -> str:
+    """The canonical value of environment variable ``name``; ``aliases`` maps accepted spellings to it.
+
+    An unknown value is an error naming the variable and what it accepts (a typo must not silently fall
+    back to the default).
+    """
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = aliases.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(sorted(aliases))}")
+    return value
+
+
+ON_OFF_AUTO = {"auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+
+__all__ = [
+    "ON_OFF_AUTO",
+    "atomic_open",
+    "atomic_path",
+    "env_switch",
+    "fsync_dir",
+    "log_once",
+    "replace_durably",
+    "temporary_name",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
