@@ -68,7 +68,7 @@ def test_sampler(benchmark, model, batch, provider):
     schedule = staged_schedule(STEPS, THRESHOLDS)
     sampler = FastStagedSampler(StagedSampler(model, schedule, **CFG), mode=provider)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    noise = stage_noise(batch, model.model.stage_shapes(), generator=g, device=DEVICE)
+    noise = stage_noise(batch, model.model.input_shapes(), generator=g, device=DEVICE)
     y = torch.randint(0, 1000, (batch,), generator=g, device=DEVICE)
 
     def run():

@@ -38,8 +38,8 @@ from torch import Tensor
 from dfm.data.latents import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
 from dfm.precision import autocast, resolve_precision
-from dfm.sampling import sample_sde
-from dfm.visualize import staged_sampler, to_uint8
+from dfm.sampling import StagedSampler, sample_sde
+from dfm.visualize import to_uint8
 
 LABEL_MODES = ("random", "balanced")
 MANIFEST = "manifest.json"
@@ -136,10 +136,10 @@ class IndexSampler:
         self.model, self.cfg, self.seed, self.labels = model, cfg, seed, labels
         self.vae, self.precision, self.decode_batch_size = vae, precision, decode_batch_size
         self.device = next(model.parameters()).device
-        self.shapes = model.stage_shapes()
+        self.shapes = model.input_shapes()
         self.fast = None
         if cfg.sample.mode == "ode":
-            self.fast = FastStagedSampler(staged_sampler(model, cfg), mode=sampler_mode)
+            self.fast = FastStagedSampler(StagedSampler.from_config(model, cfg), mode=sampler_mode)
 
     def draw(self, indices: Sequence[int], pad_to: int | None = None) -> IndexDraws:
         """The host-side draws of ``indices`` (each from its own CPU generator), padded to ``pad_to``.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfm.attention import attention
-from dfm.pyramid import check_divisible
+from dfm.pyramid import check_divisible, stage_shapes
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -203,7 +203,24 @@ class ModelConfig:
         return [self.patch_size >> (self.stages - 1 - s) for s in range(self.stages)]
 
     def validate(self) -> None:
-        check_divisible(*self.hw, self.stages, self.patch_size)
+        """Every check the modules' constructors would make, without building them; each message starts with
+        the field at fault."""
+        for name in ("depth", "hidden_size", "num_heads", "in_channels", "num_classes", "stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads: hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.hidden_size % 4:
+            raise ValueError(
+                f"hidden_size: hidden size {self.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding"
+            )
+        try:
+            check_divisible(*self.hw, self.stages, self.patch_size)
+        except ValueError as err:
+            raise ValueError(f"input_size: {err}") from None
 
 
 class DFMSiT(nn.Module):
@@ -255,11 +272,14 @@ class DFMSiT(nn.Module):
     def stages(self) -> int:
         return self.config.stages
 
-    def stage_shapes(self) -> list[tuple[int, int, int]]:
-        """(C, H_s, W_s) of every stage, coarsest first."""
-        H, W = self.config.hw
-        S = self.config.stages
-        return [(self.config.in_channels, H >> (S - 1 - s), W >> (S - 1 - s)) for s in range(S)]
+    def input_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H_s, W_s) of the model's input for every stage, coarsest first (a sampler's noise shapes)."""
+        return [(self.config.in_channels, h, w) for h, w in stage_shapes(*self.config.hw, self.config.stages)]
+
+    @classmethod
+    def from_config(cls, cfg) -> DFMSiT:
+        """The model of run config ``cfg`` (see :func:`model_config_from`)."""
+        return cls(model_config_from(cfg))
 
     def forward(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         if len(x) != self.stages:
@@ -319,9 +339,23 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return config
 
 
+def model_config_from(cfg) -> ModelConfig:
+    """The architecture a run config describes: ``model`` with its ``arch.*`` overrides, the data's resolution,
+    channels and classes, and the run's stage count (``cfg.stages``, the one place it is decided)."""
+    arch = {k: v for k, v in vars(cfg.arch).items() if v is not None}
+    return model_config(
+        cfg.model,
+        **arch,
+        input_size=cfg.data.resolution,
+        in_channels=cfg.data.channels,
+        num_classes=cfg.data.num_classes,
+        stages=cfg.stages,
+    )
+
+
 def build_model(name: str, **overrides) -> DFMSiT:
     """Build a registered model, e.g. ``build_model("DFM-SiT-B/2", input_size=32, num_classes=1000)``."""
     return DFMSiT(model_config(name, **overrides))
 
 
-__all__ = ["DFMSiT", "ModelConfig", "MODELS", "build_model", "model_config"]
+__all__ = ["DFMSiT", "ModelConfig", "MODELS", "build_model", "model_config", "model_config_from"]

@@ -10,6 +10,7 @@ fed the very same noise, and nothing here reads a value back to the host.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,20 +29,6 @@ class StageDraw:
     mask: Tensor  # (B, S) bool, True where the stage is active (s <= k)
     eps: list[Tensor]  # per-stage white noise, same shapes as the bands
     y: Tensor  # (B,) labels after class dropout (null class = num_classes)
-
-
-def noise_stages(bands: list[Tensor], t: Tensor, mask: Tensor, eps: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Model inputs and velocity targets per stage: ``x_t`` (zeroed where masked) and ``v = eps - x``.
-
-    This is the eager reference of the fused noising kernel (``dfm.kernels.noising``).
-    """
-    x_t, v = [], []
-    for s, (x, e) in enumerate(zip(bands, eps)):
-        t_s = t[:, s].to(x.dtype).view(-1, 1, 1, 1)
-        keep = mask[:, s].to(x.dtype).view(-1, 1, 1, 1)
-        x_t.append(((1 - t_s) * x + t_s * e) * keep)
-        v.append(e - x)
-    return x_t, v
 
 
 def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
@@ -84,11 +71,11 @@ class DFMObjective:
             stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
         if len(stage_weights) != stages:
             raise ValueError(f"stage_weights has {len(stage_weights)} entries but stages_count is {stages}")
-        if any(w < 0 for w in stage_weights) or sum(stage_weights) <= 0:
-            raise ValueError(f"stage_weights must be non-negative with a positive sum, got {stage_weights}")
+        if not all(math.isfinite(w) and w >= 0 for w in stage_weights) or sum(stage_weights) <= 0:
+            raise ValueError(f"stage_weights must be finite and non-negative with a positive sum, got {stage_weights}")
         if t_sampler not in T_SAMPLERS:
             raise ValueError(f"t_sampler must be one of {T_SAMPLERS}, got {t_sampler!r}")
-        if not 0.0 <= class_dropout < 1.0:
+        if not 0.0 <= class_dropout < 1.0:  # NaN fails this too
             raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
         self.stages = stages
         total = float(sum(stage_weights))
@@ -100,6 +87,21 @@ class DFMObjective:
         self.logit_std = logit_std
         self.earlier_shift = earlier_shift
         self.class_dropout = class_dropout
+
+    @classmethod
+    def from_config(cls, cfg) -> DFMObjective:
+        """The objective of run config ``cfg``: its ``dfm`` section, stage count and class count.
+
+        A ``ValueError`` names the argument first (``stage_weights ...``), which is the key in ``dfm``.
+        """
+        return cls(
+            stages=cfg.stages,
+            stage_weights=cfg.dfm.stage_weights,
+            num_classes=cfg.data.num_classes,
+            per_sample_stage=cfg.dfm.per_sample_stage,
+            t_sampler=cfg.dfm.t_sampler,
+            class_dropout=cfg.dfm.class_dropout,
+        )
 
     # -- random draws ---------------------------------------------------------------------------------
     def sample_main_stage(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
@@ -155,8 +157,7 @@ class DFMObjective:
         """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
         if draw is None:
             # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
-            # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, this module's eager
-            # noise_stages of pyramid.decompose otherwise).
+            # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, the eager reference otherwise).
             draw = self.draw(ops.band_placeholders(x, self.stages), y, generator)
         x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)

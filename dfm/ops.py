@@ -28,17 +28,15 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from dfm import pyramid
+from dfm.files import ON_OFF_AUTO, env_switch, log_once
+from dfm.kernels import DTYPES, MAX_NUMEL, reference
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "DFM_TRITON"
-MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_NUMEL = 2**31 - 1  # the kernels index in int32
+MODES = ON_OFF_AUTO
 
 _mode_override: str | None = None
-_logged: set[tuple[str, str]] = set()
 _modules: dict[str, ModuleType] = {}
 _import_error: list[BaseException] = []
 
@@ -48,11 +46,9 @@ _import_error: list[BaseException] = []
 
 def triton_mode() -> str:
     """The current mode: ``"auto"``, ``"on"`` or ``"off"`` (override first, then ``DFM_TRITON``)."""
-    raw = _mode_override if _mode_override is not None else os.environ.get(ENV_VAR, "auto")
-    mode = MODES.get(str(raw).strip().lower())
-    if mode is None:
-        raise ValueError(f"{ENV_VAR} must be one of {sorted(MODES)}, got {raw!r}")
-    return mode
+    if _mode_override is not None:
+        return MODES[_mode_override.strip().lower()]
+    return env_switch(ENV_VAR, MODES, "auto")
 
 
 def set_triton_mode(mode: str | None) -> None:
@@ -128,9 +124,7 @@ def _decide(kernel: str, module: str, tensors: list[Tensor]) -> bool:
     if mode == "on":
         forced = f"Triton is forced ({ENV_VAR}=1 or set_triton_mode)"
         raise RuntimeError(f"{forced} but the {kernel} kernel cannot run: {reason}")
-    if (kernel, reason) not in _logged:
-        _logged.add((kernel, reason))
-        log.info("%s: using the PyTorch reference (%s)", kernel, reason)
+    log_once(log, (kernel, reason), "%s: using the PyTorch reference (%s)", kernel, reason)
     return False
 
 
@@ -144,72 +138,45 @@ def use_triton_noising(bands: list[Tensor]) -> bool:
     return _decide("noising", "noising", list(bands))
 
 
-def use_triton_pyramid_noise(x: Tensor, eps: list[Tensor] | None = None) -> bool:
-    """Whether :func:`decompose_and_noise` runs the fused decompose + noise kernel on ``x`` (and ``eps``)."""
-    return _decide("pyramid_noise", "pyramid_noise", [x] + ([] if eps is None else list(eps)))
+def use_triton_pyramid_noise(x: Tensor, eps: list[Tensor]) -> bool:
+    """Whether :func:`decompose_and_noise` runs the fused decompose + noise kernel on ``x`` and ``eps``."""
+    return _decide("pyramid_noise", "pyramid_noise", [x, *eps])
 
 
 # -- ops -------------------------------------------------------------------------------------------------
 
 
 def decompose(x: Tensor, stages: int) -> list[Tensor]:
-    """Laplacian pyramid of ``x`` (B, C, H, W), coarsest stage first (see :func:`dfm.pyramid.decompose`)."""
+    """Laplacian pyramid of ``x`` (B, C, H, W), coarsest stage first (:func:`dfm.kernels.reference.decompose`)."""
     if use_triton_laplacian(x):
         return _modules["laplacian"].decompose(x, stages)
-    return pyramid.decompose(x, stages)
+    return reference.decompose(x, stages)
 
 
 def recompose(bands: list[Tensor]) -> Tensor:
-    """Inverse of :func:`decompose` (see :func:`dfm.pyramid.recompose`)."""
+    """Inverse of :func:`decompose` (:func:`dfm.kernels.reference.recompose`)."""
     if use_triton_laplacian(bands):
         return _modules["laplacian"].recompose(bands)
-    return pyramid.recompose(bands)
+    return reference.recompose(bands)
 
 
-def _seeded_noise(shapes: list[torch.Size], like: Tensor, seed: int) -> list[Tensor]:
-    """Reference stand-in for in-kernel noise: N(0, 1) from a ``torch.Generator`` seeded with ``seed``.
-
-    Same distribution and determinism per seed as the kernels' philox noise, not the same numbers.
-    """
-    generator = torch.Generator(device=like.device).manual_seed(seed)
-    return [torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype) for shape in shapes]
-
-
-def noise_stages(
-    bands: list[Tensor], t: Tensor, mask: Tensor, eps: list[Tensor] | None = None, seed: int | None = None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Per stage ``x_t`` (zero where masked) and ``v = eps - x`` (see :func:`dfm.objective.noise_stages`).
-
-    Give ``eps``, or ``seed`` to draw the noise in-kernel (on the reference path: from a generator).
-    """
-    if (eps is None) == (seed is None):
-        raise ValueError("give exactly one of eps (a noise tensor per stage) or seed")
-    if use_triton_noising(list(bands) + ([] if eps is None else list(eps))):
-        return _modules["noising"].noise_stages(bands, t, mask, eps, seed)
-    from dfm.objective import noise_stages as noise_stages_eager  # the objective imports this module
-
-    if eps is None:
-        eps = _seeded_noise([b.shape for b in bands], bands[0], seed)
-    return noise_stages_eager(bands, t, mask, eps)
+def noise_stages(bands: list[Tensor], t: Tensor, mask: Tensor, eps: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per stage ``x_t`` (zero where masked) and ``v = eps - x`` (:func:`dfm.kernels.reference.noise_stages`)."""
+    if use_triton_noising(list(bands) + list(eps)):
+        return _modules["noising"].noise_stages(bands, t, mask, eps)
+    return reference.noise_stages(bands, t, mask, eps)
 
 
 def decompose_and_noise(
-    x: Tensor, stages: int, t: Tensor, mask: Tensor, eps: list[Tensor] | None = None, seed: int | None = None
+    x: Tensor, stages: int, t: Tensor, mask: Tensor, eps: list[Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """``noise_stages(decompose(x, stages), t, mask, eps or seed)`` without materialising the bands.
+    """``noise_stages(decompose(x, stages), t, mask, eps)`` without materialising the bands.
 
     The training step's path: on CUDA one fused launch per pyramid level (one in all for two stages).
     """
-    if (eps is None) == (seed is None):
-        raise ValueError("give exactly one of eps (a noise tensor per stage) or seed")
     if use_triton_pyramid_noise(x, eps):
-        return _modules["pyramid_noise"].decompose_and_noise(x, stages, t, mask, eps, seed)
-    from dfm.objective import noise_stages as noise_stages_eager
-
-    bands = pyramid.decompose(x, stages)
-    if eps is None:
-        eps = _seeded_noise([b.shape for b in bands], x, seed)
-    return noise_stages_eager(bands, t, mask, eps)
+        return _modules["pyramid_noise"].decompose_and_noise(x, stages, t, mask, eps)
+    return reference.decompose_and_noise(x, stages, t, mask, eps)
 
 
 def band_placeholders(x: Tensor, stages: int) -> list[Tensor]:
@@ -220,4 +187,4 @@ def band_placeholders(x: Tensor, stages: int) -> list[Tensor]:
     if x.dim() != 4:
         raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     B, C, H, W = x.shape
-    return [x.new_empty(()).expand(B, C, h, w) for h, w in pyramid.stage_shapes(H, W, stages)]
+    return [x.new_empty(()).expand(B, C, h, w) for h, w in reference.stage_shapes(H, W, stages)]

@@ -10,6 +10,7 @@ exactly as it was. The state stays in float32 whatever dtype the model runs in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,6 +121,10 @@ class StagedSampler:
     ):
         if method not in ("euler", "heun"):
             raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        if not guidance_low <= guidance_high:  # an interval no step reaches is allowed: it guides nothing
+            raise ValueError(f"guidance_low ({guidance_low}) must not exceed guidance_high ({guidance_high})")
         self.model = model
         self.schedule = schedule
         self.method = method
@@ -128,6 +133,25 @@ class StagedSampler:
         self.guided = guided_table(schedule, cfg_scale, guidance_low, guidance_high)
         # Host-side copy of which steps double the batch: decided once, never read back from the device.
         self.step_is_guided = self.guided.any(dim=1).tolist()
+
+    @classmethod
+    def from_config(cls, model, cfg) -> StagedSampler:
+        """The staged sampler that run config ``cfg``'s ``sample`` section describes, for ``model``.
+
+        A ``ValueError`` names the argument first (``num_steps_per_scale ...``), which is the key in ``sample``.
+        """
+        steps = cfg.steps_per_stage()
+        if len(steps) != cfg.stages:
+            raise ValueError(f"num_steps_per_scale has {len(steps)} entries for {cfg.stages} stages: {steps}")
+        return cls(
+            model,
+            staged_schedule(steps, cfg.thresholds()),
+            method=cfg.sample.method,
+            cfg_scale=cfg.sample.cfg_scale,
+            guidance_low=cfg.sample.guidance_low,
+            guidance_high=cfg.sample.guidance_high,
+            null_class=cfg.data.num_classes,
+        )
 
     def velocity(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, cfg: bool) -> list[Tensor]:
         """Model velocity at (x, t) for a batch; with ``cfg`` the batch is doubled with null labels.
@@ -236,6 +260,8 @@ def sample_sde(
     ``step_noise`` returns the N(0, I) draw of a step (shape of ``noise``) instead of ``generator``: how
     ``dfm.generation`` keeps each sample's noise a function of its own index, whatever batch it is in.
     """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     B = y.shape[0]
     x = noise.float()
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()

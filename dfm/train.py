@@ -74,17 +74,6 @@ def update_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
     torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
-def objective_from_config(cfg) -> DFMObjective:
-    return DFMObjective(
-        stages=cfg.stages,
-        stage_weights=cfg.dfm.stage_weights,
-        num_classes=cfg.data.num_classes,
-        per_sample_stage=cfg.dfm.per_sample_stage,
-        t_sampler=cfg.dfm.t_sampler,
-        class_dropout=cfg.dfm.class_dropout,
-    )
-
-
 def draw_seed(seed: int, step: int, slot: int, slots: int) -> int:
     """Seed of the draws of micro-batch ``slot`` (of ``slots`` per global batch) in global step ``step``.
 
@@ -110,7 +99,7 @@ class Trainer:
         self.device = next(engine.module.parameters()).device
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.objective = objective_from_config(cfg)
+        self.objective = DFMObjective.from_config(cfg)
         self.generator = torch.Generator(self.device)  # reseeded for every micro-batch: seed_draws()
         self.state = TrainState()
         self.ckpt_root = cfg.run_dir / "checkpoints"

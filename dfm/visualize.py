@@ -9,26 +9,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise, staged_schedule
-
-
-def staged_sampler(model, cfg) -> StagedSampler:
-    """The eager staged sampler that run config ``cfg``'s ``sample`` section describes."""
-    return StagedSampler(
-        model,
-        staged_schedule(cfg.steps_per_stage(), cfg.thresholds()),
-        method=cfg.sample.method,
-        cfg_scale=cfg.sample.cfg_scale,
-        guidance_low=cfg.sample.guidance_low,
-        guidance_high=cfg.sample.guidance_high,
-        null_class=cfg.data.num_classes,
-    )
+from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise
 
 
 def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None) -> SampleResult:
     """Sample ``model`` for labels ``y`` with the sampling settings of run config ``cfg`` (eval mode, no grad)."""
     device = y.device
-    shapes = model.stage_shapes()
+    shapes = model.input_shapes()
     noise = stage_noise(y.shape[0], shapes, generator=generator, device=device)
     was_training = model.training
     model.eval()
@@ -36,7 +23,7 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
         if cfg.sample.mode == "sde":
             x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator)
             return SampleResult(bands=[x], x=x, previews=[x])
-        return staged_sampler(model, cfg).sample(noise, y)
+        return StagedSampler.from_config(model, cfg).sample(noise, y)
     finally:
         model.train(was_training)
 

@@ -1,4 +1,6 @@
-"""Fused Laplacian pyramid (decomposition and recomposition) in Triton, beside its PyTorch reference.
+"""Fused Laplacian pyramid (decomposition and recomposition) in Triton.
+
+References: :func:`dfm.kernels.reference.decompose` and :func:`~dfm.kernels.reference.recompose`.
 
 Design trade-off. For even sizes the x1/2 bilinear resize (``align_corners=False``, no antialias) is
 exactly a 2x2 mean and the x2 resize a separable stencil with per-axis weights (1/4, 3/4) and PyTorch's
@@ -7,9 +9,9 @@ pixel: a one-pixel halo of the low level. One program owns a tile of low pixels,
 the tile and of its halo straight from ``x`` (the halo re-reads hit L1/L2, DRAM sees ``x`` once) and
 writes the low tile and the 2x-sized band tile. Each pyramid level is one launch that reads its input
 once, where the eager path (down, up, subtract) reads it twice and also writes and re-reads a
-full-size upsampled temporary. All levels in one launch would need a grid-wide barrier between levels, or every program
-recomputing each coarser level from ``x`` (a 4^l-pixel mean per level-l value): not worth it for the
-1-3 launches of a 2-4 stage pyramid. Lows are rounded to the storage dtype before they are upsampled,
+full-size upsampled temporary. All levels in one launch would need a grid-wide barrier between levels,
+or every program recomputing each coarser level from ``x`` (a 4^l-pixel mean per level-l value): not
+worth it for the 1-3 launches of a 2-4 stage pyramid. Lows are rounded to the storage dtype before they are upsampled,
 exactly where PyTorch rounds them, so the bands absorb that rounding and ``recompose`` inverts the
 kernel's bands as closely as it inverts the reference's. Arithmetic is fp32.
 
@@ -24,73 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import MAX_NUMEL, STENCIL_TILE, STENCIL_WARPS, rounded, store_rounded, tile_shape
+from . import MAX_NUMEL
+from .common import STENCIL_TILE, STENCIL_WARPS, rounded, store_rounded, tile_shape
 from .noising import noise_epilogue
-
-# -- reference ----------------------------------------------------------------------------------------
-
-
-def down_ref(x: Tensor) -> Tensor:
-    """x1/2 bilinear resize of (..., H, W), H and W even: the 2x2 mean, computed in fp32 or wider."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(wide)
-    low = (((y[..., 0::2, 0::2] + y[..., 0::2, 1::2]) + y[..., 1::2, 0::2]) + y[..., 1::2, 1::2]) * 0.25
-    return low.to(x.dtype)
-
-
-def _up_axis(x: Tensor, dim: int) -> Tensor:
-    """x2 linear resize along ``dim``: out[2i] = x[i-1]/4 + 3x[i]/4, out[2i+1] = 3x[i]/4 + x[i+1]/4.
-
-    At the edges PyTorch clamps the source coordinate: out[0] = x[0] and x[n] reads as x[n-1].
-    """
-    n = x.shape[dim]
-    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
-    nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
-    w_prev = torch.full([n if d == dim else 1 for d in range(x.dim())], 0.25, dtype=x.dtype, device=x.device)
-    w_prev.narrow(dim, 0, 1).zero_()
-    even = w_prev * prev + (1 - w_prev) * x
-    odd = 0.75 * x + 0.25 * nxt
-    return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
-
-
-def up_ref(x: Tensor) -> Tensor:
-    """x2 bilinear resize of (B, C, H, W) as the separable 4-tap stencil, computed in fp32 or wider."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    return _up_axis(_up_axis(x.to(wide), 3), 2).to(x.dtype)
-
-
-def check_pyramid_input(x: Tensor, stages: int) -> None:
-    """Raise ValueError unless ``x`` is (B, C, H, W) with H, W divisible by 2^(stages-1)."""
-    if x.dim() != 4:
-        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if stages < 1:
-        raise ValueError(f"stages must be >= 1, got {stages}")
-    factor = 2 ** (stages - 1)
-    if x.shape[-2] % factor or x.shape[-1] % factor:
-        raise ValueError(
-            f"resolution {x.shape[-2]}x{x.shape[-1]} is not divisible by {factor} (stages={stages} needs 2^(stages-1))"
-        )
-
-
-def decompose_ref(x: Tensor, stages: int) -> list[Tensor]:
-    """PyTorch reference: ``low = down(cur)``, ``band = cur - up(low)``, recursing; coarsest stage first."""
-    check_pyramid_input(x, stages)
-    bands, cur = [], x
-    for _ in range(stages - 1):
-        low = down_ref(cur)
-        bands.append(cur - up_ref(low))
-        cur = low
-    bands.append(cur)
-    return bands[::-1]
-
-
-def recompose_ref(bands: list[Tensor]) -> Tensor:
-    """PyTorch reference: ``cur = bands[0]; cur = up(cur) + band`` for the finer bands."""
-    cur = bands[0]
-    for band in bands[1:]:
-        cur = up_ref(cur) + band
-    return cur
-
+from .reference import check_divisible
 
 # -- kernels ------------------------------------------------------------------------------------------
 
@@ -163,7 +102,6 @@ def _down_level_kernel(
     KEEP_B_ptr,
     XT_B_ptr,
     V_B_ptr,
-    counter_b,
     # ... and of the low (stage 0, on the coarsest level)
     EPS_L_ptr,
     selb,
@@ -174,14 +112,11 @@ def _down_level_kernel(
     KEEP_L_ptr,
     XT_L_ptr,
     V_L_ptr,
-    counter_l,
     st,
-    seed,
     STORE_LOW: tl.constexpr,
     STORE_BAND: tl.constexpr,
     NOISE_BAND: tl.constexpr,
     NOISE_LOW: tl.constexpr,
-    PHILOX: tl.constexpr,
     BH: tl.constexpr,
     BW: tl.constexpr,
 ):
@@ -235,14 +170,13 @@ def _down_level_kernel(
         t = tl.load(T_B_ptr + b * st, mask=row_ok, other=0.0)
         keep = tl.load(KEEP_B_ptr + b * st, mask=row_ok, other=0.0)
         e0 = b * sebb + c * sebc + (2 * i) * sebh + k * sebw
-        noise_epilogue(band0, lin_0, counter_b + lin_0, e0, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, seed, mask_f, PHILOX)
-        e1 = e0 + sebh
-        noise_epilogue(band1, lin_1, counter_b + lin_1, e1, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, seed, mask_f, PHILOX)
+        noise_epilogue(band0, lin_0, e0, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, mask_f)
+        noise_epilogue(band1, lin_1, e0 + sebh, t, keep, XT_B_ptr, V_B_ptr, EPS_B_ptr, mask_f)
     if NOISE_LOW:
         t = tl.load(T_L_ptr + b * st, mask=row_ok, other=0.0)
         keep = tl.load(KEEP_L_ptr + b * st, mask=row_ok, other=0.0)
         e = b * selb + c * selc + i * selh + j * selw
-        noise_epilogue(l_cc, lin_l, counter_l + lin_l, e, t, keep, XT_L_ptr, V_L_ptr, EPS_L_ptr, seed, mask_l, PHILOX)
+        noise_epilogue(l_cc, lin_l, e, t, keep, XT_L_ptr, V_L_ptr, EPS_L_ptr, mask_l)
 
 
 @triton.jit
@@ -319,14 +253,12 @@ def down_level(
     eps_band: Tensor | None = None,
     eps_low: Tensor | None = None,
     t_stride: int = 0,
-    seed: int = 0,
-    philox: bool = False,
 ) -> None:
     """Launch one decomposition level of ``cur`` (B, C, H, W) into contiguous ``low`` and ``band``.
 
-    ``noise_band`` / ``noise_low``, each ``(t, keep, x_t, v, counter_base)``, noise that output on the fly
-    instead of (or besides) storing it, with ``eps_band`` / ``eps_low`` or philox noise from ``seed``
-    (used by :mod:`dfm.kernels.pyramid_noise`). ``None`` outputs are neither stored nor noised.
+    ``noise_band`` / ``noise_low``, each ``(t, keep, x_t, v)``, noise that output on the fly with the noise
+    ``eps_band`` / ``eps_low`` instead of storing it (used by :mod:`dfm.kernels.pyramid_noise`). ``None``
+    outputs are neither stored nor noised.
     """
     B, C, H, W = cur.shape
     Hl, Wl = H // 2, W // 2
@@ -346,31 +278,36 @@ def down_level(
         *cur.stride(),
         e_b,
         *e_b.stride(),
-        *(noise_band or (dummy, dummy, dummy, dummy, 0)),
+        *(noise_band or (dummy, dummy, dummy, dummy)),
         e_l,
         *e_l.stride(),
-        *(noise_low or (dummy, dummy, dummy, dummy, 0)),
+        *(noise_low or (dummy, dummy, dummy, dummy)),
         t_stride,
-        seed,
         STORE_LOW=low is not None,
         STORE_BAND=band is not None,
         NOISE_BAND=noise_band is not None,
         NOISE_LOW=noise_low is not None,
-        PHILOX=philox,
         BH=bh,
         BW=bw,
         num_warps=STENCIL_WARPS,
     )
 
 
+def check_input(x: Tensor, stages: int) -> None:
+    """A (B, C, H, W) tensor whose sides the pyramid divides and whose size the kernels can index."""
+    if x.dim() != 4:
+        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    check_divisible(x.shape[-2], x.shape[-1], stages)
+    if x.numel() > MAX_NUMEL:
+        raise ValueError(f"{x.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
+
+
 def decompose(x: Tensor, stages: int) -> list[Tensor]:
-    """Fused :func:`decompose_ref`: one launch per level; bands are contiguous, in ``x``'s dtype.
+    """Fused :func:`dfm.kernels.reference.decompose`: one launch per level; bands contiguous, in ``x``'s dtype.
 
     With one stage the pyramid is ``[x]`` itself, as in the reference.
     """
-    check_pyramid_input(x, stages)
-    if x.numel() > MAX_NUMEL:
-        raise ValueError(f"{x.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
+    check_input(x, stages)
     bands, cur = [], x
     for _ in range(stages - 1):
         B, C, H, W = cur.shape
@@ -384,7 +321,7 @@ def decompose(x: Tensor, stages: int) -> list[Tensor]:
 
 
 def recompose(bands: list[Tensor]) -> Tensor:
-    """Fused :func:`recompose_ref`: one ``up(cur) + band`` launch per level; the output is contiguous."""
+    """Fused :func:`dfm.kernels.reference.recompose`: one ``up(cur) + band`` launch per level, contiguous output."""
     cur = bands[0]
     for band in bands[1:]:
         B, C, Hl, Wl = cur.shape

@@ -255,9 +255,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
         # model's size, "all-reduce" it and copy it back: three passes over the gradients per step.
         engine.enable_backward_allreduce = False
     if ema is None:
-        from dfm.models import build_model
+        from dfm.models import DFMSiT
 
-        ema = ZeRO3EMA(engine.module, lambda: build_model(cfg.model, **cfg.model_overrides()))
+        ema = ZeRO3EMA(engine.module, lambda: DFMSiT.from_config(cfg))
     return engine, ema
 
 

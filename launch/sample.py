@@ -16,7 +16,7 @@ import torch
 
 from dfm import checkpoint
 from dfm.config import ConfigError, config_from_dict, load_config, parse_override
-from dfm.models import build_model
+from dfm.models import DFMSiT
 from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid, to_uint8
 
 
@@ -47,7 +47,7 @@ def load_model(ckpt: str | Path, config: str | None = None, overrides: list[str]
         for text in overrides or []:
             values = _merge(values, parse_override(text))
         cfg = config_from_dict(values)
-    model = build_model(cfg.model, **cfg.model_overrides())
+    model = DFMSiT.from_config(cfg)
     ema = cfg.sample.use_ema if use_ema is None else use_ema
     state = checkpoint.load_ema_weights(ckpt) if ema else checkpoint.load_model_weights(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -68,14 +68,14 @@ def build_trainer(cfg: Config, resume_from: Path | None = None):
 
     from dfm import checkpoint
     from dfm.data import build_loader
-    from dfm.models import build_model
+    from dfm.models import DFMSiT
     from dfm.train import Trainer
 
     rank, world_size = setup_distributed()
     micro, accum = batch_layout(cfg, world_size)
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, **cfg.model_overrides()).to(device)
+    model = DFMSiT.from_config(cfg).to(device)
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size, cfg.train.zero_stage)
     engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
     loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)

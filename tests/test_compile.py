@@ -12,10 +12,11 @@ import dataclasses
 
 import pytest
 import torch
+from dfm.kernels.reference import noise_stages
 
 from dfm.compile import compile_model, compile_stats, log_attention_backend
 from dfm.models import build_model
-from dfm.objective import DFMObjective, noise_stages
+from dfm.objective import DFMObjective
 from dfm.optim import make_optimizer, optimizer_impl
 from dfm.precision import autocast
 from dfm.pyramid import decompose

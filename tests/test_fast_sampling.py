@@ -32,7 +32,7 @@ def _model(device="cpu"):
 
 def _inputs(model, batch, device="cpu"):
     g = torch.Generator(device=device).manual_seed(1)
-    noise = stage_noise(batch, model.stage_shapes(), generator=g, device=device)
+    noise = stage_noise(batch, model.input_shapes(), generator=g, device=device)
     y = torch.randint(0, CLASSES, (batch,), generator=g, device=device)
     return noise, y
 

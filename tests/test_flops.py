@@ -49,7 +49,7 @@ def test_forward_and_backward_match_flop_counter(name, size):
     torch.manual_seed(0)
     model = build_model(name, depth=2, input_size=size, num_classes=10)
     batch = 2
-    x = [torch.randn(batch, *shape) for shape in model.stage_shapes()]
+    x = [torch.randn(batch, *shape) for shape in model.input_shapes()]
     t = torch.rand(batch, model.stages)
     y = torch.tensor([1, 2])
     mask = torch.ones(batch, model.stages, dtype=torch.bool)

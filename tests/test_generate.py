@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from dfm import generation
 from dfm.config import load_config, save_config
-from dfm.models import build_model
+from dfm.models import DFMSiT
 from dfm.visualize import to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def save_checkpoint_dir(path: Path, cfg, seed: int = 0) -> Path:
     The weights are the model's init plus noise: adaLN-Zero alone would give v = 0 and images = noise.
     """
     torch.manual_seed(seed)
-    model = build_model(cfg.model, **cfg.model_overrides())
+    model = DFMSiT.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

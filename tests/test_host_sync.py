@@ -138,7 +138,7 @@ def test_staged_sampler_step_has_no_host_sync():
     torch.manual_seed(0)
     model = build_model("DFM-SiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=10).eval()
     sampler = StagedSampler(model, staged_schedule([2, 1], [0.1]), cfg_scale=2.0, null_class=10)
-    noise, y = stage_noise(2, model.stage_shapes()), torch.tensor([1, 2])
+    noise, y = stage_noise(2, model.input_shapes()), torch.tensor([1, 2])
     sampler.sample(noise, y)  # tables are built once, on the first call
     with HostSyncCounter() as syncs, torch.no_grad():
         sampler.step(noise, y, 0)
@@ -150,11 +150,11 @@ def test_staged_sampler_step_has_no_host_sync():
 def test_generate_batch_has_no_host_sync_until_the_images(tmp_path):
     """``dfm generate``'s batch: per-index draws on the host, then the device part reads nothing back."""
     from dfm.generation import IndexSampler
-    from dfm.models import build_model
+    from dfm.models import DFMSiT
 
     cfg = load_config(ROOT / "configs" / "dfm_digits.yaml", TINY)
     torch.manual_seed(0)
-    model = build_model(cfg.model, **cfg.model_overrides()).eval()
+    model = DFMSiT.from_config(cfg).eval()
     sampler = IndexSampler(model, cfg, seed=3)
     draws = sampler.draw(range(5), pad_to=8)
     sampler.run(draws)  # warm-up

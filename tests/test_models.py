@@ -71,7 +71,7 @@ def test_every_stage_gives_the_same_token_grid(name, stages, hw):
     model = build_model(name, **{**TINY, "input_size": hw, "stages": stages})
     x = torch.randn(2, 3, *hw)
     bands = pyramid.decompose(x, stages)
-    assert [tuple(b.shape[1:]) for b in bands] == model.stage_shapes()
+    assert [tuple(b.shape[1:]) for b in bands] == model.input_shapes()
     p = model.config.patch_size
     grid = (hw[0] // p, hw[1] // p)
     assert model.grid == grid

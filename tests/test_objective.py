@@ -10,12 +10,13 @@ import math
 
 import pytest
 import torch
+from dfm.kernels.reference import noise_stages
 from scipy import stats
 from torch.overrides import TorchFunctionMode
 
 from dfm import pyramid
 from dfm.models import build_model
-from dfm.objective import DFMObjective, StageDraw, noise_stages, stage_loss
+from dfm.objective import DFMObjective, StageDraw, stage_loss
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 10

@@ -34,29 +34,23 @@ SCRIPT = textwrap.dedent(
             elif name.endswith("_ptr"):
                 signature[name] = "*" + dtype
             else:
-                signature[name] = "i64" if name == "seed" else "i32"
+                signature[name] = "i32"
         kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": num_warps})
         assert kernel.asm["cubin"]
 
     bh, bw = common.tile_shape(64, 16, common.STENCIL_TILE)
     nh, nw = common.tile_shape(64, 32)
-    plain = dict(STORE_LOW=True, STORE_BAND=True, NOISE_BAND=False, NOISE_LOW=False, PHILOX=False)
+    plain = dict(STORE_LOW=True, STORE_BAND=True, NOISE_BAND=False, NOISE_LOW=False)
     fused_last = dict(STORE_LOW=False, STORE_BAND=False, NOISE_BAND=True, NOISE_LOW=True)
     fused_mid = dict(STORE_LOW=True, STORE_BAND=False, NOISE_BAND=True, NOISE_LOW=False)
     # Every variant the launchers use, each storage dtype at least once (compiling takes seconds each).
-    for flags, dtype in [
-        (plain, "fp32"),
-        (plain, "bf16"),
-        (dict(fused_last, PHILOX=True), "bf16"),
-        (dict(fused_last, PHILOX=False), "fp32"),
-        (dict(fused_mid, PHILOX=False), "fp16"),
-    ]:
+    variants = [(plain, "fp32"), (plain, "bf16"), (fused_last, "bf16"), (fused_last, "fp32"), (fused_mid, "fp16")]
+    for flags, dtype in variants:
         build(laplacian._down_level_kernel, dict(flags, BH=bh, BW=bw), dtype, common.STENCIL_WARPS)
     for dtype in ("fp32", "bf16"):
         build(laplacian._up_add_kernel, dict(BH=bh, BW=bw), dtype, common.STENCIL_WARPS)
-    for philox, dtype in ((False, "fp32"), (True, "bf16")):
-        build(noising._noise_stage_kernel, dict(PHILOX=philox, BH=nh, BW=nw), dtype, common.NUM_WARPS)
-    build(noising._philox_normal_kernel, dict(BLOCK=common.TILE_ELEMENTS), "fp32", common.NUM_WARPS)
+    for dtype in ("fp32", "bf16"):
+        build(noising._noise_stage_kernel, dict(BH=nh, BW=nw), dtype, common.NUM_WARPS)
     print("compiled")
     """
 )
