@@ -25,7 +25,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -223,7 +223,6 @@ class Architecture:
     latent: int  # latent side
     num_classes: int
     null_row: bool  # the label table has the null (CFG) row
-    notes: list[str] = field(default_factory=list)
 
 
 def _indices(mapped: dict, pattern: str) -> list[int]:
@@ -243,7 +242,12 @@ def _stage_shapes(mapped: dict, path: Path) -> tuple[int, int, int, int]:
     if stages != list(range(len(stages))):
         raise ImportRefused(f"{path}: patch embeddings for stages {stages}; expected 0..{len(stages) - 1}")
     S = len(stages)
-    D, C, p, q = _require(mapped, f"x_embedders.{S - 1}.proj.weight", path).shape
+    finest = _require(mapped, f"x_embedders.{S - 1}.proj.weight", path)
+    if finest.dim() != 4:
+        raise ImportRefused(
+            f"{path}: the patch embedding has shape {tuple(finest.shape)}; expected a conv (D, C, p, p)"
+        )
+    D, C, p, q = finest.shape
     if p != q:
         raise ImportRefused(f"{path}: non-square patch {p}x{q} in the finest stage's embedding")
     for s in range(S):
@@ -410,7 +414,7 @@ def reverse_time(mapped: dict[str, Tensor], frequency_size: int) -> None:
     out = w.clone()
     out[:, :half] = w_cos * cos_f + w_sin * sin_f
     out[:, half : 2 * half] = w_cos * sin_f - w_sin * cos_f
-    mapped["t_embedders.0.mlp.0.weight"] = out.to(mapped["t_embedders.0.mlp.0.weight"].dtype)
+    mapped["t_embedders.0.mlp.0.weight"] = out.float()  # the imported weights are float32 whatever theirs were
     for kind in ("weight", "bias"):
         key = f"final_layers.0.linear.{kind}"
         mapped[key] = -mapped[key]
@@ -433,7 +437,7 @@ def _listify(value, key: str):
     if isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, str):
-        return [yaml.safe_load(v) for v in value.replace(",", " ").split()]
+        return [yaml.safe_load(v) for v in value.strip().strip("[]()").replace(",", " ").split()]
     if isinstance(value, (int, float)):
         return [value]
     raise ImportRefused(f"args.{key} is {value!r}; expected a list")
@@ -450,7 +454,8 @@ def _class_dropout(arch: Architecture, args: dict) -> float:
 
 def _schedule_args(args: dict, stages: int, notes: list[str]) -> tuple[dict, dict]:
     """(``dfm``, ``sample``) entries from their arguments. A list that does not fit the stage count is skipped
-    with a note: their training script parses the DFM defaults ([40, 10], [0.1]) for SiT runs as well."""
+    with a note: a script that parses DFM's arguments for every model may carry the 2-stage defaults
+    ([40, 10], [0.1]) in the arguments of a SiT run."""
     wanted = {"stage_weights": stages, "num_steps_per_scale": stages, "stage_sampling_thresholds": stages - 1}
     dfm, sample = {}, {}
     for key in ("stage_weights", *SAMPLING_ARGS):
