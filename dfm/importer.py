@@ -526,7 +526,7 @@ def convert_checkpoint(src: str | Path, options: Options | None = None, exp_name
     check_state_dict(model, mapped, source.path)
     if layout == "sit-original":
         reverse_time(mapped, model.t_embedders[0].frequency_size)
-        notes.append("time convention: t = 1 at the data and v = x - eps folded into the weights (exact up to fp32 rounding)")
+        notes.append("time convention (t = 1 at the data, v = x - eps) folded into the weights, exact to fp32 rounding")
     weights = {k: v.detach().to(torch.float32).contiguous() for k, v in mapped.items()}
     model.load_state_dict(weights)  # strict: every key of the model, none else
     return Converted(weights, cfg, layout, source, notes)
