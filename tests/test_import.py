@@ -321,6 +321,8 @@ def test_load_pretrained_reads_every_source_alike(tmp_path):
         model = load_pretrained(path)
         assert not model.training
         assert_bitwise_same(model, ours)
+    exported.with_suffix(".yaml").unlink()  # the config also travels in the exported file's metadata
+    assert_bitwise_same(load_pretrained(exported), ours)
 
 
 def test_finetune_from_an_imported_directory(tmp_path):
