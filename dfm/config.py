@@ -118,17 +118,6 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.exp_name
 
-    def model_overrides(self) -> dict:
-        """Keyword overrides for ``dfm.models.build_model``."""
-        arch = {k: v for k, v in asdict(self.arch).items() if v is not None}
-        return dict(
-            arch,
-            input_size=self.data.resolution,
-            in_channels=self.data.channels,
-            num_classes=self.data.num_classes,
-            stages=self.stages,
-        )
-
     def steps_per_stage(self) -> list[int]:
         if self.sample.num_steps_per_scale is not None:
             return list(self.sample.num_steps_per_scale)
@@ -228,6 +217,26 @@ def parse_override(text: str) -> dict:
     return _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else None)
 
 
+def _validate_sampling(cfg: Config, S: int) -> None:
+    """The ``sample`` section against the model's ``S`` stages and its training (label dropout for CFG)."""
+    steps, taus = cfg.steps_per_stage(), cfg.thresholds()
+    if len(steps) != S:
+        raise ConfigError(f"config key 'sample.num_steps_per_scale' has {len(steps)} entries for {S} stages: {steps}")
+    try:
+        validate_schedule_args(steps, taus)
+    except ValueError as err:
+        raise ConfigError(f"config key 'sample.stage_sampling_thresholds': {err}") from None
+    if cfg.sample.mode == "sde" and S != 1:
+        raise ConfigError("config key 'sample.mode': the SDE sampler is for single-stage (SiT) models only")
+    if cfg.sample.cfg_scale != 1.0 and cfg.dfm.class_dropout == 0.0:
+        raise ConfigError(
+            f"config key 'sample.cfg_scale' is {cfg.sample.cfg_scale} but 'dfm.class_dropout' is 0: a model trained "
+            "without label dropout has no unconditional prediction to guide with"
+        )
+    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
+        raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, each naming the keys involved."""
 
@@ -246,8 +255,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.offload' needs train.zero_stage >= 1 (ZeRO-Offload is a ZeRO feature)")
     choice("sample.mode", cfg.sample.mode, ("ode", "sde"))
     choice("sample.method", cfg.sample.method, ("euler", "heun"))
-    if cfg.data.kind == "latents" and not cfg.data.data_dir:
-        raise ConfigError("config key 'data.data_dir' is required for data.kind=latents")
     if cfg.data.kind == "digits" and cfg.data.channels != 1:
         raise ConfigError(f"config key 'data.channels' must be 1 for the digits, got {cfg.data.channels}")
     S = cfg.stages
@@ -268,17 +275,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("config key 'dfm.stage_weights' must be non-negative with a positive sum")
     if not 0.0 <= cfg.dfm.class_dropout < 1.0:
         raise ConfigError(f"config key 'dfm.class_dropout' must lie in [0, 1), got {cfg.dfm.class_dropout}")
-    steps, taus = cfg.steps_per_stage(), cfg.thresholds()
-    if len(steps) != S:
-        raise ConfigError(f"config key 'sample.num_steps_per_scale' has {len(steps)} entries for {S} stages: {steps}")
-    try:
-        validate_schedule_args(steps, taus)
-    except ValueError as err:
-        raise ConfigError(f"config key 'sample.stage_sampling_thresholds': {err}") from None
-    if cfg.sample.mode == "sde" and S != 1:
-        raise ConfigError("config key 'sample.mode': the SDE sampler is for single-stage (SiT) models only")
-    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
-        raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
+    _validate_sampling(cfg, S)
     t = cfg.train
     for key in ("max_steps", "global_batch_size", "log_every", "sample_every", "ckpt_every", "keep_ckpts"):
         if getattr(t, key) < 1:
@@ -300,8 +297,18 @@ def validate(cfg: Config) -> None:
         )
 
 
+def check_training_data(cfg: Config) -> None:
+    """What training needs beyond a valid config: the latent store (sampling a saved model does not)."""
+    if cfg.data.kind == "latents" and not cfg.data.data_dir:
+        raise ConfigError("config key 'data.data_dir' is required for data.kind=latents")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file <- overrides (``key=value`` strings or a nested dict), then validated."""
+    """Defaults <- YAML file <- overrides (``key=value`` strings or a nested dict), then validated.
+
+    This is the path of a run config given on the command line, so it also checks the training data
+    (:func:`check_training_data`); :func:`config_from_dict` rebuilds a saved config without it.
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -321,11 +328,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         for text in overrides or []:
             _fill(cfg, parse_override(text))
     validate(cfg)
+    check_training_data(cfg)
     return cfg
 
 
 def config_from_dict(values: dict) -> Config:
-    """Rebuild a Config saved with a run (``config.yaml`` or a checkpoint)."""
+    """Rebuild a Config saved with a run (``config.yaml`` or a checkpoint) or by ``dfm import``, validated.
+
+    A latent model's saved config may name no store (an imported model has none): only training needs one.
+    """
     cfg = Config()
     _fill(cfg, values)
     validate(cfg)

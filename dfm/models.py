@@ -51,10 +51,15 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([embed_1d(gx), embed_1d(gy)], dim=1).float()
 
 
+def timestep_frequencies(dim: int, max_period: float = 10000.0, device=None) -> Tensor:
+    """The dim // 2 float32 frequencies ``max_period^(-i / (dim // 2))`` of :func:`timestep_sinusoid`."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features (B, dim) of times t (B,), [cos, sin] halves as in DiT."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = timestep_frequencies(dim, max_period, t.device)
     args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

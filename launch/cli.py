@@ -1,4 +1,4 @@
-"""The ``dfm`` command: ``dfm train``, ``sample``, ``export``, ``prepare``, ``evaluate``, ``generate``."""
+"""The ``dfm`` command: ``dfm train``, ``sample``, ``export``, ``import``, ``prepare``, ``evaluate``, ``generate``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ COMMANDS = {
     "train": ("dfm.launch.train", "train a SiT / DFM-SiT model from a config"),
     "sample": ("dfm.launch.sample", "sample a checkpoint into a PNG grid with per-stage previews (and .npz)"),
     "export": ("dfm.launch.export", "export a checkpoint's EMA weights to one safetensors file"),
+    # a module cannot be named `import`
+    "import": ("dfm.launch.import_checkpoint", "import a checkpoint of the authors' code, REPA or the SiT release"),
     "prepare": ("dfm.launch.prepare", "prepare ImageNet: convert images, encode SD-VAE latents"),
     "evaluate": ("dfm.launch.evaluate", "FID / sFID / IS / precision / recall of an .npz of samples"),
     "generate": ("dfm.launch.generate", "multi-rank sampling of many images into ADM's .npz layout"),

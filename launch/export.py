@@ -21,21 +21,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dfm import checkpoint
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "fp32") -> Path:
     """Write the weights of checkpoint (or run directory) ``ckpt`` to ``out`` and its config to ``out.yaml``."""
     import yaml
-    from dfm.launch.sample import resolve_checkpoint
 
-    ckpt_dir = resolve_checkpoint(ckpt)
+    from dfm.pretrained import load_pretrained, resolve_pretrained
+
+    ckpt_dir = resolve_pretrained(ckpt)
     if not ckpt_dir.is_dir():
         raise ValueError(f"{ckpt_dir} is already an exported file")
-    weights = checkpoint.load_model_weights(ckpt_dir) if raw else checkpoint.load_ema_weights(ckpt_dir)
-    weights = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    model = load_pretrained(ckpt_dir, ema=not raw)  # every key and shape checked against the saved config
+    weights = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     config_yaml = (ckpt_dir / "config.yaml").read_text()
     config = yaml.safe_load(config_yaml)
     metadata = {

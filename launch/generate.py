@@ -40,7 +40,7 @@ SAMPLE_KEYS = set(SampleConfig.__dataclass_fields__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dfm generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory, exported .safetensors, or run directory")
+    p.add_argument("--ckpt", required=True, help="checkpoint, run or imported directory, or exported .safetensors")
     p.add_argument("--config", help="run config (default: the one saved with the checkpoint, or <file>.yaml)")
     p.add_argument("--num-samples", type=int, default=50_000, help="N: indices [0, N) are generated")
     p.add_argument("--out", required=True, help="output .npz (shards go to <out>.parts/ until it is complete)")
@@ -108,13 +108,11 @@ def _barrier() -> None:
 
 def load(args: argparse.Namespace, device: torch.device):
     """(model on ``device``, run config, resolved checkpoint path, VAE or None); errors name what is wrong."""
-    from dfm.launch.sample import load_model, resolve_checkpoint
+    from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
 
-    ckpt = resolve_checkpoint(args.ckpt)
-    config = args.config
-    if config is None and ckpt.is_file() and ckpt.with_suffix(".yaml").is_file():
-        config = str(ckpt.with_suffix(".yaml"))  # `dfm export` writes the run config beside the weights
-    model, cfg = load_model(ckpt, config, sampling_overrides(args), use_ema=False if args.raw else None)
+    ckpt = resolve_pretrained(args.ckpt)
+    cfg = pretrained_config(ckpt, args.config, sampling_overrides(args))
+    model = load_pretrained(ckpt, cfg=cfg, ema=False if args.raw else None)
     latent = cfg.data.kind == "latents"
     if latent and not args.vae:
         raise ConfigError(f"{cfg.model} generates SD-VAE latents (data.kind=latents): pass --vae FOLDER to decode")

@@ -139,12 +139,12 @@ def checkpoints(cfg: Config, every: int) -> list[Path]:
 
 def evaluate(ckpt: Path, overrides: list[str], samples: int, seed: int, batch_size: int, cache_dir: str | None) -> dict:
     """Sample ``samples`` digits from the EMA weights of ``ckpt`` with the sampling ``overrides`` and score them."""
-    from dfm.launch.sample import load_model
-
     from dfm.evaluation.digits import digit_scores
     from dfm.generation import IndexSampler
+    from dfm.pretrained import load_pretrained, pretrained_config
 
-    model, cfg = load_model(ckpt, overrides=overrides)
+    cfg = pretrained_config(ckpt, overrides=overrides)
+    model = load_pretrained(ckpt, cfg=cfg)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     sampler = IndexSampler(model, cfg, seed=seed, labels="balanced")
     tic = time.perf_counter()

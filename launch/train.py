@@ -7,6 +7,10 @@ Many nodes:              deepspeed --hostfile launch/hostfile.example --master_a
                              launch/train.py --config C --data-dir DATA    (see launch/scripts/)
 Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
 Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
+Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA --exp-name E [--config C]
+                         starts at step 0 from the weights of a model without trainer state (a directory
+                         written by dfm import, or an exported .safetensors), with its saved config as the
+                         base config; add --resume to continue such a run once it has checkpoints
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dfm.config import Config, ConfigError, load_config, save_config
+
+if TYPE_CHECKING:
+    from dfm.models import DFMSiT
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -28,13 +36,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--model", help="model name, e.g. DFM-SiT-XL/2 or SiT-B/2")
     p.add_argument("--exp-name", help="run name: outputs go to <output_dir>/<exp_name>")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--ckpt", help="resume from this checkpoint directory instead of the latest")
+    p.add_argument("--ckpt", help="resume from this checkpoint directory, or fine-tune from an imported/exported model")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500")
     return p.parse_known_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config:
+def finetune_source(ckpt: str | None) -> Path | None:
+    """``--ckpt`` when it names a model to start from rather than a run to resume: a directory with weights and
+    a config but no trainer state (``dfm import``), or an exported ``.safetensors``."""
+    if not ckpt:
+        return None
+    path = Path(ckpt)
+    if path.is_dir():
+        resumable = (path / "trainer_rank0.pt").is_file()
+        return path if (path / "ema.safetensors").is_file() and not resumable else None
+    return path if path.suffix == ".safetensors" and path.is_file() else None
+
+
+def _saved_config_file(weights: Path) -> Path:
+    found = weights / "config.yaml" if weights.is_dir() else weights.with_suffix(".yaml")
+    if not found.is_file():
+        raise ConfigError(f"no config.yaml beside {weights}; pass --config")
+    return found
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str], init: Path | None = None) -> Config:
+    """The run config: ``--config`` (or, when fine-tuning from ``init``, the config saved with it) <- flags."""
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         raise ConfigError(f"unknown flag(s) {unknown}; config keys are set as key=value")
@@ -46,23 +74,49 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config:
         flags.append(f"exp_name={args.exp_name}")
     if args.data_dir:
         flags += ["data.kind=latents", f"data.data_dir={args.data_dir}"]
-    return load_config(args.config, flags + overrides)
+    base = args.config if args.config or init is None else _saved_config_file(init)
+    return load_config(base, flags + overrides)
+
+
+def finetune_start(cfg: Config, init: Path, resume: bool) -> DFMSiT | None:
+    """The model to fine-tune from ``init`` (loaded and checked against ``cfg`` before any work), or None when
+    ``resume`` continues a fine-tuning run that already has checkpoints."""
+    from dfm import checkpoint
+    from dfm.pretrained import load_pretrained
+
+    latest = checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints")
+    if latest is not None:
+        if resume:
+            return None
+        raise ConfigError(
+            f"{cfg.run_dir} already has checkpoints (latest {latest.name}): add --resume to continue it, or pass "
+            "another --exp-name to fine-tune afresh"
+        )
+    return load_pretrained(init, cfg=cfg, ema=True)  # the one set of weights an imported or exported model holds
 
 
 def main(argv: list[str] | None = None) -> float | None:
     args, extra = parse_args(argv)
+    init = finetune_source(args.ckpt)
+    start = None
     try:
-        cfg = resolve_config(args, extra)
-    except ConfigError as err:
+        cfg = resolve_config(args, extra, init)
+        if init is not None:
+            start = finetune_start(cfg, init, args.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm train: {err}")
-    return run(cfg, resume=args.resume or bool(args.ckpt), ckpt=args.ckpt)
+    if start is not None:
+        print(f"dfm train: fine-tuning the weights of {init} from step 0")
+        return run(cfg, init=start)
+    return run(cfg, resume=args.resume or (bool(args.ckpt) and init is None), ckpt=None if init else args.ckpt)
 
 
-def build_trainer(cfg: Config, resume_from: Path | None = None):
+def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | None = None):
     """Model, EMA, optimizer, DeepSpeed engine, loader and logger for ``cfg`` (already validated).
 
     ``resume_from``: the checkpoint the trainer will resume, so that the engine is built to read it (as a
-    universal checkpoint when it was written at another world size).
+    universal checkpoint when it was written at another world size). ``init``: a model (built for ``cfg``)
+    whose weights training starts from instead of a fresh initialisation; the EMA starts from them too.
     """
     from dfm.launch.engine import batch_layout, build_engine, setup_distributed, training_device
 
@@ -75,7 +129,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None):
     micro, accum = batch_layout(cfg, world_size)
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DFMSiT.from_config(cfg).to(device)
+    model = (init.train() if init is not None else DFMSiT.from_config(cfg)).to(device)
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size, cfg.train.zero_stage)
     engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
     loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)
@@ -91,14 +145,15 @@ def build_trainer(cfg: Config, resume_from: Path | None = None):
     return Trainer(cfg, engine, ema, loader, accum, rank=rank, config_yaml=config_yaml, writer=writer)
 
 
-def run(cfg: Config, resume: bool = False, ckpt: str | None = None) -> float | None:
-    """Train ``cfg`` (already validated), optionally resuming; the entry point tests call in-process."""
+def run(cfg: Config, resume: bool = False, ckpt: str | None = None, init: DFMSiT | None = None) -> float | None:
+    """Train ``cfg`` (already validated), optionally resuming or starting from the weights of ``init``; the
+    entry point tests call in-process."""
     from dfm import checkpoint
 
     resume_from = None
     if resume:
         resume_from = Path(ckpt) if ckpt else checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints")
-    trainer = build_trainer(cfg, resume_from)
+    trainer = build_trainer(cfg, resume_from, init=init)
     if resume:
         found = resume_from is not None and trainer.resume(resume_from)
         if trainer.rank == 0:
