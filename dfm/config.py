@@ -10,16 +10,26 @@ config (``dfm.launch.engine.deepspeed_config``), never kept by hand.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from dfm.models import MODELS, model_config
-from dfm.pyramid import check_divisible
-from dfm.sampling import validate_schedule_args
+from dfm.models import MODELS, model_config_from
+from dfm.objective import DFMObjective, TSampler
+from dfm.precision import Precision
+from dfm.sampling import Method, StagedSampler
+
+DataKind = Literal["digits", "latents"]
+LoaderChoice = Literal["auto", "dali", "torch"]
+SampleMode = Literal["ode", "sde"]
+ZeroStage = Literal[0, 1, 2, 3]
+DIGITS_CLASSES = 10
+MAX_SEED = 2**63  # seeds feed torch generators (64-bit) and draw_seed's arithmetic modulo 2**63
 
 
 class ConfigError(ValueError):
@@ -38,12 +48,12 @@ class ArchConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "digits"  # "digits" (embedded scikit-learn digits) or "latents" (prepared SD-VAE latents)
+    kind: DataKind = "digits"  # the embedded scikit-learn digits, or prepared SD-VAE latents
     data_dir: str | None = None  # latent store for kind=latents
     resolution: int = 16  # digits: image side (8x8 digits resized); latents: read from the store
     channels: int = 1  # digits: 1; latents: read from the store
     num_classes: int = 10
-    loader: str = "auto"  # latents: "auto" | "dali" | "torch"
+    loader: LoaderChoice = "auto"  # latents: DALI on CUDA when installed, else the torch DataLoader
     num_workers: int = 2
 
 
@@ -52,7 +62,7 @@ class DFMConfig:
     stages_count: int | None = None  # None: from the model name (SiT 1, DFM-SiT 2)
     stage_weights: list[float] | None = None  # None: [0.9, 0.1] for 2 stages, uniform otherwise
     per_sample_stage: bool = False
-    t_sampler: str = "logit_normal"
+    t_sampler: TSampler = "logit_normal"
     class_dropout: float = 0.1
 
 
@@ -66,9 +76,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" (autocast, fp32 weights) | "fp32"
+    precision: Precision = "auto"  # bf16 autocast over fp32 weights on CUDA, fp32 on CPU (dfm.precision)
     compile: bool = False
-    zero_stage: int = 0
+    zero_stage: ZeroStage = 0
     offload: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on the host (ZeRO >= 1)
     # ZeRO >= 1 gradient communication (launch/engine.py says why these values)
     overlap_comm: bool = True  # reduce gradient buckets during backward (ZeRO 2, 3) instead of after it
@@ -83,8 +93,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    mode: str = "ode"  # "ode" (staged Euler/Heun) | "sde" (Euler-Maruyama, single-stage models only)
-    method: str = "euler"  # ODE integrator: "euler" | "heun"
+    mode: SampleMode = "ode"  # staged Euler/Heun, or Euler-Maruyama (single-stage models only)
+    method: Method = "euler"  # ODE integrator
     num_steps_per_scale: list[int] | None = None  # None: [40, 10] for 2 stages, [50] for 1
     stage_sampling_thresholds: list[float] | None = None  # None: [0.1] for 2 stages
     num_steps: int = 50  # SDE steps
@@ -139,50 +149,81 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _coerce_union(value, tp, key: str):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    real = [arg for arg in args if arg is not type(None)]
+    if len(real) == 1:  # Optional[X]: X's own, more precise message
+        return _coerce(value, real[0], key)
+    for arg in real:
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            pass
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_literal(value, tp, key: str):
+    allowed = typing.get_args(tp)
+    # type() too: True == 1 and 1.0 == 1, but neither is the ZeRO stage 1
+    if any(value == a and type(value) is type(a) for a in allowed):
+        return value
+    raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+def _coerce_list(value, tp, key: str):
+    (item,) = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key '{key}': expected a list of {_type_name(item)}, got {value!r}")
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_bool(value, key: str):
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+
+
+def _coerce_int(value, key: str):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+
+
+def _coerce_float(value, key: str):
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if not math.isfinite(number):  # no setting of a run means anything at inf or nan (lr=.inf trains to nan)
+        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+    return number
+
+
+def _coerce_str(value, key: str):
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+_GENERICS = {typing.Union: _coerce_union, types.UnionType: _coerce_union, Literal: _coerce_literal, list: _coerce_list}
+
+
 def _coerce(value, tp, key: str):
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        real = [arg for arg in args if arg is not type(None)]
-        if len(real) == 1:  # Optional[X]: X's own, more precise message
-            return _coerce(value, real[0], key)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    generic = _GENERICS.get(typing.get_origin(tp))
+    if generic is not None:
+        return generic(value, tp, key)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
@@ -217,84 +258,137 @@ def parse_override(text: str) -> dict:
     return _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else None)
 
 
-def _validate_sampling(cfg: Config, S: int) -> None:
-    """The ``sample`` section against the model's ``S`` stages and its training (label dropout for CFG)."""
-    steps, taus = cfg.steps_per_stage(), cfg.thresholds()
-    if len(steps) != S:
-        raise ConfigError(f"config key 'sample.num_steps_per_scale' has {len(steps)} entries for {S} stages: {steps}")
+# -- validation: each component checks its own arguments; here their errors are named by config key ------
+
+MODEL_KEYS = {
+    "depth": "arch.depth",
+    "hidden_size": "arch.hidden_size",
+    "num_heads": "arch.num_heads",
+    "mlp_ratio": "arch.mlp_ratio",
+    "input_size": "data.resolution",
+    "in_channels": "data.channels",
+    "num_classes": "data.num_classes",
+    "stages": "dfm.stages_count",
+    "patch_size": "model",
+}
+
+
+def _keyed(build, keys: dict[str, str], default: str):
+    """Run a component's constructor; re-raise its ValueError as a ConfigError naming the key at fault.
+
+    Components start their messages with the argument at fault (``stage_weights must ...``, ``num_heads: ...``);
+    ``keys`` maps those names to config keys, anything else is reported under ``default``.
+    """
     try:
-        validate_schedule_args(steps, taus)
+        return build()
     except ValueError as err:
-        raise ConfigError(f"config key 'sample.stage_sampling_thresholds': {err}") from None
-    if cfg.sample.mode == "sde" and S != 1:
-        raise ConfigError("config key 'sample.mode': the SDE sampler is for single-stage (SiT) models only")
-    if cfg.sample.cfg_scale != 1.0 and cfg.dfm.class_dropout == 0.0:
-        raise ConfigError(
-            f"config key 'sample.cfg_scale' is {cfg.sample.cfg_scale} but 'dfm.class_dropout' is 0: a model trained "
-            "without label dropout has no unconditional prediction to guide with"
-        )
-    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
-        raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
+        message = str(err)
+        name, _, rest = message.partition(" ")
+        if name.endswith(":") and name[:-1] in keys:  # "num_heads: hidden size ..."
+            raise ConfigError(f"config key '{keys[name[:-1]]}': {rest}") from None
+        if name in keys:  # "stage_weights must be ..." reads on as "config key 'dfm.stage_weights' must be ..."
+            raise ConfigError(f"config key '{keys[name]}' {rest}") from None
+        raise ConfigError(f"config key '{default}': {message}") from None
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks, each naming the keys involved."""
+def _section_keys(section: str, obj) -> dict[str, str]:
+    return {f.name: f"{section}.{f.name}" for f in dataclasses.fields(obj)}
 
-    def choice(key: str, value, allowed) -> None:
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
 
+def _check_model(cfg: Config) -> None:
     if cfg.model not in MODELS:
         raise ConfigError(f"config key 'model': unknown model {cfg.model!r}; known: {', '.join(MODELS)}")
-    choice("data.kind", cfg.data.kind, ("digits", "latents"))
-    choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
-    choice("dfm.t_sampler", cfg.dfm.t_sampler, ("logit_normal", "uniform"))
-    choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
-    choice("train.zero_stage", cfg.train.zero_stage, (0, 1, 2, 3))
-    if cfg.train.offload and cfg.train.zero_stage == 0:
-        raise ConfigError("config key 'train.offload' needs train.zero_stage >= 1 (ZeRO-Offload is a ZeRO feature)")
-    choice("sample.mode", cfg.sample.mode, ("ode", "sde"))
-    choice("sample.method", cfg.sample.method, ("euler", "heun"))
-    if cfg.data.kind == "digits" and cfg.data.channels != 1:
-        raise ConfigError(f"config key 'data.channels' must be 1 for the digits, got {cfg.data.channels}")
-    S = cfg.stages
-    if S < 1:
-        raise ConfigError(f"config key 'dfm.stages_count' must be >= 1, got {S}")
-    if cfg.model.startswith("SiT-") and S != 1:
+    if cfg.dfm.stages_count is not None and cfg.dfm.stages_count < 1:
+        raise ConfigError(f"config key 'dfm.stages_count' must be >= 1, got {cfg.dfm.stages_count}")
+    _keyed(lambda: model_config_from(cfg).validate(), MODEL_KEYS, "model")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.kind == "digits" and d.channels != 1:
+        raise ConfigError(f"config key 'data.channels' must be 1 for the digits, got {d.channels}")
+    if d.kind == "digits" and d.num_classes < DIGITS_CLASSES:
         raise ConfigError(
-            f"config key 'dfm.stages_count' is {S} but model {cfg.model} is single-stage (use DFM-{cfg.model})"
+            f"config key 'data.num_classes' must be >= {DIGITS_CLASSES} for the digits, got "
+            f"{d.num_classes}"
         )
-    try:
-        check_divisible(cfg.data.resolution, cfg.data.resolution, S, model_config(cfg.model).patch_size)
-    except ValueError as err:
-        raise ConfigError(f"config keys 'data.resolution' / 'model' / 'dfm.stages_count': {err}") from None
-    if cfg.dfm.stage_weights is not None:
-        if len(cfg.dfm.stage_weights) != S:
-            raise ConfigError(f"config key 'dfm.stage_weights' has {len(cfg.dfm.stage_weights)} entries for {S} stages")
-        if any(w < 0 for w in cfg.dfm.stage_weights) or sum(cfg.dfm.stage_weights) <= 0:
-            raise ConfigError("config key 'dfm.stage_weights' must be non-negative with a positive sum")
-    if not 0.0 <= cfg.dfm.class_dropout < 1.0:
-        raise ConfigError(f"config key 'dfm.class_dropout' must lie in [0, 1), got {cfg.dfm.class_dropout}")
-    _validate_sampling(cfg, S)
+    if d.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {d.num_workers}")
+
+
+def _check_sampling(cfg: Config) -> None:
+    s = cfg.sample
+    _keyed(lambda: StagedSampler.from_config(None, cfg), _section_keys("sample", s), "sample")
+    if s.mode == "sde" and cfg.stages != 1:
+        raise ConfigError("config key 'sample.mode': the SDE sampler is for single-stage (SiT) models only")
+    if s.cfg_scale != 1.0 and cfg.dfm.class_dropout == 0.0:
+        raise ConfigError(
+            f"config key 'sample.cfg_scale' is {s.cfg_scale} but 'dfm.class_dropout' is 0: a model trained "
+            "without label dropout has no unconditional prediction to guide with"
+        )
+    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
+        raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
+    for key in ("num_steps", "per_class"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"config key 'sample.{key}' must be >= 1, got {getattr(s, key)}")
+
+
+def _check_train(cfg: Config) -> None:
     t = cfg.train
-    for key in ("max_steps", "global_batch_size", "log_every", "sample_every", "ckpt_every", "keep_ckpts"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
-    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+    positive = ("max_steps", "global_batch_size", "log_every", "sample_every", "ckpt_every", "keep_ckpts")
+    for key in positive + ("reduce_bucket_size", "allgather_bucket_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
     if t.micro_batch_size is not None and t.micro_batch_size < 1:
         raise ConfigError(f"config key 'train.micro_batch_size' must be >= 1, got {t.micro_batch_size}")
-    if len(t.betas) != 2:
-        raise ConfigError(f"config key 'train.betas' needs two values, got {t.betas}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"config key 'train.betas' needs two values in [0, 1), got {t.betas}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must lie in [0, 1), got {t.ema_decay}")
-    arch = model_config(cfg.model, **{k: v for k, v in asdict(cfg.arch).items() if v is not None})
-    if arch.hidden_size % arch.num_heads or arch.hidden_size % 4:
-        raise ConfigError(
-            f"config keys 'arch.hidden_size' ({arch.hidden_size}) / 'arch.num_heads' ({arch.num_heads}): "
-            "hidden size must be divisible by the head count and by 4"
-        )
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"config key 'train.{key}' must be >= 0, got {getattr(t, key)}")
+    if t.offload and t.zero_stage == 0:
+        raise ConfigError("config key 'train.offload' needs train.zero_stage >= 1 (ZeRO-Offload is a ZeRO feature)")
+
+
+def validate(cfg: Config) -> None:
+    """Every check before any work, each error naming its key: choices and types were enforced when filling;
+    here the components (model, objective, sampler) are built from the config and the rest is checked."""
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise ConfigError(f"config key 'seed' must lie in [0, 2^63), got {cfg.seed}")
+    _check_model(cfg)
+    _check_data(cfg)
+    _keyed(lambda: DFMObjective.from_config(cfg), _section_keys("dfm", cfg.dfm), "dfm")
+    _check_sampling(cfg)
+    _check_train(cfg)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path):
+    """The content of a YAML file read safely (no Python objects), duplicate keys refused, errors naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
 
 
 def check_training_data(cfg: Config) -> None:
@@ -311,13 +405,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = read_yaml(path)
+        if not isinstance(values, dict) or not values:
+            raise ConfigError(f"config file {path} must hold a non-empty mapping at the top level")
         try:
             _fill(cfg, values)
         except ConfigError as err:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfm.attention import attention
-from dfm.pyramid import check_divisible, stage_shapes
+from dfm.pyramid import check_divisible, check_patch, stage_shapes
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -217,11 +217,18 @@ class ModelConfig:
         if not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads: hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+            raise ValueError(
+                f"num_heads: hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
+                "it must be divisible by the head count"
+            )
         if self.hidden_size % 4:
             raise ValueError(
                 f"hidden_size: hidden size {self.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding"
             )
+        try:
+            check_patch(self.patch_size, self.stages)
+        except ValueError as err:
+            raise ValueError(f"patch_size: {err}") from None
         try:
             check_divisible(*self.hw, self.stages, self.patch_size)
         except ValueError as err:
@@ -340,7 +347,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown model override(s) {sorted(unknown)}; allowed: {sorted(fields)}")
     config = replace(MODELS[name], **overrides)
     if name.startswith("SiT-") and config.stages != 1:
-        raise ValueError(f"{name} is a single-stage model; use DFM-{name} for stages={config.stages}")
+        raise ValueError(f"stages: {name} is a single-stage model; use DFM-{name} for stages={config.stages}")
     return config
 
 

@@ -11,14 +11,17 @@ fed the very same noise, and nothing here reads a value back to the host.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from dfm import ops
 
-T_SAMPLERS = ("logit_normal", "uniform")
+TSampler = Literal["logit_normal", "uniform"]
+T_SAMPLERS: tuple[str, ...] = typing.get_args(TSampler)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class DFMObjective:
         if stage_weights is None:
             stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
         if len(stage_weights) != stages:
-            raise ValueError(f"stage_weights has {len(stage_weights)} entries but stages_count is {stages}")
+            raise ValueError(f"stage_weights has {len(stage_weights)} entries for {stages} stages")
         if not all(math.isfinite(w) and w >= 0 for w in stage_weights) or sum(stage_weights) <= 0:
             raise ValueError(f"stage_weights must be finite and non-negative with a positive sum, got {stage_weights}")
         if t_sampler not in T_SAMPLERS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dfm.kernels.reference import check_divisible, decompose, down, recompose, stage_shapes, up
+from dfm.kernels.reference import check_divisible, check_patch, decompose, down, recompose, stage_shapes, up
 
 
 def preview(bands: list[Tensor], upto: int, full_size: bool = False) -> Tensor:
@@ -24,4 +24,4 @@ def preview(bands: list[Tensor], upto: int, full_size: bool = False) -> Tensor:
     return cur
 
 
-__all__ = ["check_divisible", "decompose", "down", "preview", "recompose", "stage_shapes", "up"]
+__all__ = ["check_divisible", "check_patch", "decompose", "down", "preview", "recompose", "stage_shapes", "up"]

@@ -11,13 +11,18 @@ exactly as it was. The state stays in float32 whatever dtype the model runs in.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from dfm import ops, pyramid
+
+Method = Literal["euler", "heun"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclass
@@ -119,8 +124,8 @@ class StagedSampler:
         guidance_high: float = 1.0,
         null_class: int = 1000,
     ):
-        if method not in ("euler", "heun"):
-            raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be {' or '.join(map(repr, METHODS))}, got {method!r}")
         if not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
         if not guidance_low <= guidance_high:  # an interval no step reaches is allowed: it guides nothing

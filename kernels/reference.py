@@ -31,23 +31,31 @@ def up(x: Tensor) -> Tensor:
     return F.interpolate(x, size=(x.shape[-2] * 2, x.shape[-1] * 2), mode="bilinear", align_corners=False)
 
 
+def check_patch(patch_size: int, stages: int) -> None:
+    """Raise ValueError unless the finest patch serves every stage: a multiple of 2^(S-1), so that the
+    coarsest stage's patch ``patch_size / 2^(S-1)`` is an integer >= 1 and all stages share one token grid."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    factor = 2 ** (stages - 1)
+    if patch_size < 1 or patch_size % factor != 0:
+        raise ValueError(
+            f"patch size {patch_size} cannot serve {stages} stages: the finest patch must be a multiple of "
+            f"2^(stages-1) = {factor} so that the coarsest stage gets an integer patch"
+        )
+
+
 def check_divisible(height: int, width: int, stages: int, patch_size: int | None = None) -> None:
     """Raise ValueError unless a ``stages``-level pyramid fits (H, W), with finest patch ``patch_size``.
 
-    The pyramid alone needs H, W divisible by 2^(S-1). With a patch size, every stage must tile into the
-    same token grid: the finest patch must be a multiple of 2^(S-1) (so the coarsest stage's patch
-    ``patch_size / 2^(S-1)`` is an integer >= 1) and H, W must be divisible by ``patch_size``.
+    The pyramid alone needs H, W divisible by 2^(S-1); with a patch size (see :func:`check_patch`) they must
+    be divisible by ``patch_size``.
     """
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
     factor = 2 ** (stages - 1)
     need = factor
     if patch_size is not None:
-        if patch_size < 1 or patch_size % factor != 0:
-            raise ValueError(
-                f"patch size {patch_size} cannot serve {stages} stages: the finest patch must be a multiple of "
-                f"2^(stages-1) = {factor} so that the coarsest stage gets an integer patch"
-            )
+        check_patch(patch_size, stages)
         need = patch_size
     if height < 1 or width < 1 or height % need or width % need:
         raise ValueError(

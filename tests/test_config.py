@@ -102,3 +102,57 @@ def test_latent_store_must_match_the_config(tmp_path):
         check_store_matches(load_config(None, base + ["data.resolution=32", "data.channels=4"]).data)
     with pytest.raises(ConfigError, match=r"'data.channels' is 3 but the latent store .* has 4"):
         check_store_matches(load_config(None, base + ["data.resolution=16", "data.channels=3"]).data)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["dfm.stage_weights=[.nan,1]"], "config key 'dfm.stage_weights[0]': expected a finite number"),
+        (["train.lr=.inf"], "config key 'train.lr': expected a finite number"),
+        (["train.lr=-1e-4"], "config key 'train.lr' must be >= 0"),
+        (["arch.num_heads=0"], "config key 'arch.num_heads' must be a positive integer"),
+        (["arch.hidden_size=0"], "config key 'arch.hidden_size' must be a positive integer"),
+        (["arch.depth=0"], "config key 'arch.depth' must be a positive integer"),
+        (["data.resolution=0"], "config key 'data.resolution': resolution 0x0"),
+        (
+            [
+                "model=SiT-S/4",
+                "dfm.stages_count=1",
+                "sample.num_steps_per_scale=[50]",
+                "dfm.stage_weights=[1]",
+                "sample.stage_sampling_thresholds=[]",
+                "sample.mode=sde",
+                "sample.num_steps=0",
+            ],
+            "config key 'sample.num_steps' must be >= 1",
+        ),
+        (["seed=9223372036854775808"], "config key 'seed' must lie in [0, 2^63)"),
+        (["seed=-1"], "config key 'seed' must lie in [0, 2^63)"),
+        (["sample.per_class=0"], "config key 'sample.per_class' must be >= 1"),
+        (["data.num_classes=3"], "config key 'data.num_classes' must be >= 10 for the digits"),
+        (["train.zero_stage=true"], "config key 'train.zero_stage' must be one of [0, 1, 2, 3], got True"),
+        (["data.kind=pixels"], "config key 'data.kind' must be one of ['digits', 'latents']"),
+        (["train.precision=fp16"], "config key 'train.precision' must be one of ['auto', 'bf16', 'fp32']"),
+        (["sample.method=rk4"], "config key 'sample.method' must be one of ['euler', 'heun']"),
+        (["train.betas=[0.9, 1.5]"], "config key 'train.betas' needs two values in [0, 1)"),
+    ],
+)
+def test_values_that_would_crash_or_train_nonsense_are_refused(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "dfm_digits.yaml", overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_yaml_and_duplicate_keys_are_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml must hold a non-empty mapping"):
+        load_config(empty)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 1.0e-4\n  max_steps: 10\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 4: key 'lr' is given twice"):
+        load_config(twice)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(broken)

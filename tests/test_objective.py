@@ -81,7 +81,7 @@ def test_zero_weight_stages_are_never_drawn(weights, only):
 
 
 def test_bad_objective_arguments():
-    with pytest.raises(ValueError, match="stage_weights has 1 entries but stages_count is 2"):
+    with pytest.raises(ValueError, match="stage_weights has 1 entries for 2 stages"):
         DFMObjective(2, stage_weights=[1.0])
     with pytest.raises(ValueError, match="non-negative"):
         DFMObjective(2, stage_weights=[1.0, -0.5])
