@@ -309,8 +309,7 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.channels' must be 1 for the digits, got {d.channels}")
     if d.kind == "digits" and d.num_classes < DIGITS_CLASSES:
         raise ConfigError(
-            f"config key 'data.num_classes' must be >= {DIGITS_CLASSES} for the digits, got "
-            f"{d.num_classes}"
+            f"config key 'data.num_classes' must be >= {DIGITS_CLASSES} for the digits, got {d.num_classes}"
         )
     if d.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {d.num_workers}")
