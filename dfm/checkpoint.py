@@ -1,38 +1,80 @@
-"""Atomic run checkpoints.
+"""Run checkpoints: atomic, verified, resumable exactly, and nothing in them is unpickled by us.
 
-A checkpoint is a directory ``<run>/checkpoints/<step:07d>/`` holding the DeepSpeed engine state (model,
-optimizer, ZeRO shards), ``ema.safetensors`` (the EMA weights, loadable without DeepSpeed),
-``config.yaml`` and one ``trainer_rank<r>.pt`` per rank (step, RNG states, data position).
-Every rank writes into ``checkpoints/.staging/<tag>``; only when all have finished does rank 0 rename
-the directory into place and then replace the ``latest`` pointer, each an atomic ``os.replace``. A save
-interrupted at any point therefore leaves the previous checkpoint, and the pointer to it, untouched.
+A checkpoint is a directory ``<run>/checkpoints/<step:07d>/`` holding
 
-The engine state is DeepSpeed's own: ZeRO shards per rank (``zero_pp_rank_<r>_*optim_states.pt``) and the
-model-state file. Resuming at another world size (or after a ZeRO-1/2/3 run lost or gained ranks) goes
-through DeepSpeed's universal checkpoint: :func:`to_universal` converts the shards once, into
-``<checkpoint>/universal`` (``deepspeed.checkpoint.ds_to_universal``), and the engine, built with
-``checkpoint.load_universal``, repartitions them (:func:`needs_universal` decides). A ZeRO-0 checkpoint
-holds the full optimizer state and loads at any world size directly. Everything else is layout-free:
-the EMA is saved whole, and the step and data position are the same on every rank at a step boundary.
+- the engine's resumable state (optimizer, ZeRO shards: written and read by the ``EngineState`` the launch
+  layer provides, ``dfm.launch.checkpoint``),
+- ``model.safetensors`` (the trained weights) and ``ema.safetensors`` (the EMA), fp32, loadable anywhere,
+- ``trainer_rank<r>.json`` per rank (step, data position, RNG states) and ``config.yaml``,
+- ``manifest.json``: the run's id, step, layout, and the size and SHA-256 of every file above.
+
+Saving: every rank writes into ``checkpoints/.staging/<tag>``; when all have finished, rank 0 hashes the
+files, writes the manifest, fsyncs the folder and renames it into place, then replaces the ``latest``
+pointer -- each step atomic, so a save interrupted anywhere leaves the previous checkpoint and the pointer
+to it intact. Nothing is saved from a non-finite state (``NonFiniteError``), and rotation deletes only
+older checkpoints of the same run (same ``run_id``), never those another run left in the folder.
+
+Resuming: :func:`find_resumable` takes the checkpoint ``latest`` names (a plain tag inside the folder,
+nothing else is followed) or, without a usable pointer, the newest checkpoint found by scanning; a
+checkpoint whose files are missing, truncated or altered (size or checksum) is rejected with a message
+naming the file, and the next older one is tried.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
+import re
 import shutil
-import subprocess
-import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from dfm.files import fsync_dir, fsync_file, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STAGING = ".staging"
-UNIVERSAL = "universal"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+TAG = re.compile(r"^\d{7,}$")
+DERIVED = ("universal",)  # folders made from a checkpoint after it was saved (not part of its manifest)
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training reached a non-finite state; nothing is saved from it."""
+
+
+class EngineState(Protocol):
+    """What the launch layer provides for the engine's part of a checkpoint (``dfm.launch.checkpoint``)."""
+
+    def save(self, folder: Path) -> None:
+        """Write this rank's resumable engine state (optimizer, shards) into ``folder``."""
+
+    def load(self, folder: Path) -> None:
+        """Restore the engine from ``folder``."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The full trained weights on rank 0 (empty elsewhere). Collective."""
 
 
 def _barrier() -> None:
@@ -44,180 +86,317 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def tag_of(step: int) -> str:
+    return f"{step:07d}"
+
+
+# -- RNG and trainer state (JSON: nothing to unpickle) -------------------------------------------------
 
 
 def rng_state() -> dict:
-    """The process-global RNG states (the training draws have their own per-micro-batch seeds)."""
+    """The process-global RNG states as JSON values (the training draws have their own per-step seeds)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The directory the ``latest`` pointer names, or None when there is no finished checkpoint."""
-    ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    path = ckpt_root / tag
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names checkpoint {tag!r} but {path} does not exist")
-    return path
+def trainer_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"trainer_rank{rank}.json"
 
 
-def save_checkpoint(
-    ckpt_root: str | Path,
-    step: int,
-    engine,
-    ema,
-    trainer_state: dict,
-    config_yaml: str,
-    keep: int = 2,
-) -> Path:
-    """Save engine, EMA, per-rank trainer state and config as ``<ckpt_root>/<step:07d>``, atomically.
-
-    ``ema`` has ``state_dict()`` giving the full weights on rank 0 (``dfm.train.ModelEMA``, or
-    ``ZeRO3EMA``, for which it is a collective: every rank calls it here).
-    """
-    ckpt_root = Path(ckpt_root)
-    tag = f"{step:07d}"
-    staging = ckpt_root / STAGING
-    rank = _rank()
-    if rank == 0:
-        shutil.rmtree(staging / tag, ignore_errors=True)  # debris of an interrupted save
-        (staging / tag).mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-    torch.save(trainer_state, staging / tag / f"trainer_rank{rank}.pt")
-    weights = ema.state_dict()
-    if rank == 0:
-        weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
-        save_file(weights, staging / tag / "ema.safetensors")
-        (staging / tag / "config.yaml").write_text(config_yaml)
-    _barrier()
-    final = ckpt_root / tag
-    if rank == 0:
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(staging / tag, final)
-        write_text_atomic(ckpt_root / LATEST, tag)
-        _prune(ckpt_root, keep, protect=tag)
-    _barrier()
-    return final
-
-
-def _prune(ckpt_root: Path, keep: int, protect: str) -> None:
-    tags = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and p.name.isdigit())
-    for tag in tags[:-keep]:
-        if tag != protect:
-            shutil.rmtree(ckpt_root / tag, ignore_errors=True)
-
-
-def saved_layout(ckpt_dir: str | Path) -> tuple[int, int]:
-    """(world size, ZeRO stage) of the run that wrote ``ckpt_dir``."""
-    ckpt_dir = Path(ckpt_dir)
-    state = load_trainer_state(ckpt_dir, 0)
-    if state is None:
-        raise FileNotFoundError(f"{ckpt_dir} has no trainer state (trainer_rank0.pt)")
-    return int(state["world_size"]), int(state["zero_stage"])
-
-
-def needs_universal(ckpt_dir: str | Path, world_size: int, zero_stage: int) -> bool:
-    """Whether resuming ``ckpt_dir`` at ``world_size`` must go through a universal checkpoint.
-
-    ZeRO shards are tied to the world size that wrote them; a ZeRO-0 checkpoint is not. Changing the ZeRO
-    stage on resume is refused: DeepSpeed does not document it as supported.
-    """
-    saved_world, saved_stage = saved_layout(ckpt_dir)
-    if saved_stage != zero_stage:
-        raise ValueError(
-            f"{ckpt_dir} was written with train.zero_stage={saved_stage}; resume it with the same stage "
-            f"(got {zero_stage})"
-        )
-    return zero_stage > 0 and saved_world != world_size
-
-
-def to_universal(ckpt_dir: str | Path) -> Path:
-    """Convert the ZeRO shards of ``ckpt_dir`` to ``<ckpt_dir>/universal`` once (rank 0; the others wait).
-
-    The conversion writes into a scratch directory that is renamed into place when complete, so an
-    interrupted conversion is redone rather than half-read.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    out = ckpt_dir / UNIVERSAL
-    if _rank() == 0 and not out.is_dir():
-        scratch = ckpt_dir / f".{UNIVERSAL}.tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
-               "--output_folder", str(scratch), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--inject_missing_state"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"universal conversion of {ckpt_dir} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass the tag
-        os.replace(scratch, out)
-    _barrier()
-    return out
-
-
-def load_engine(engine, ckpt_dir: str | Path) -> None:
-    """Load the engine state of ``ckpt_dir``; through its universal form when the engine was built for one."""
-    ckpt_dir = Path(ckpt_dir)
-    if engine.load_universal_checkpoint():
-        to_universal(ckpt_dir)
-        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=UNIVERSAL)
-    else:
-        load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no engine state in {ckpt_dir}")
-
-
-def load_trainer_state(ckpt_dir: Path, rank: int) -> dict | None:
-    path = Path(ckpt_dir) / f"trainer_rank{rank}.pt"
+def load_trainer_state(folder: str | Path, rank: int) -> dict | None:
+    """Rank ``rank``'s trainer state in ``folder``, or None when that rank did not exist in the saving run."""
+    path = trainer_file(Path(folder), rank)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable trainer state ({err})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (no 'step')")
+    return state
+
+
+# -- weights -------------------------------------------------------------------------------------------
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of weights (``ema.safetensors``, ``model.safetensors``, an exported file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable weights ({' '.join(str(err).split())})") from None
 
 
 def load_ema_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """EMA state dict from a checkpoint directory or an exported ``.safetensors`` file."""
+    """EMA state dict from a checkpoint (or imported) directory, or an exported ``.safetensors`` file."""
     ckpt = Path(ckpt)
-    path = ckpt / "ema.safetensors" if ckpt.is_dir() else ckpt
-    if not path.is_file():
-        raise FileNotFoundError(f"no EMA weights at {path}")
-    return load_file(str(path))
+    return load_weights(ckpt / EMA_FILE if ckpt.is_dir() else ckpt)
 
 
 def load_model_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Raw (non-EMA) model weights: the engine's model-state file (ZeRO 0-2), or for ZeRO-3, whose model
-    state holds only partitions, the fp32 weights consolidated from the shards by DeepSpeed's zero_to_fp32."""
+    """The trained (non-EMA) weights of a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
-    files = sorted(ckpt_dir.glob("*mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"no model state file (*mp_rank_*_model_states.pt) in {ckpt_dir}")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    module = state.get("module")
-    if not module or any(v.numel() == 0 for v in module.values()):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not (ckpt_dir / MODEL_FILE).is_file() and (ckpt_dir / EMA_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt_dir} holds no {MODEL_FILE}: only the EMA weights are saved there")
+    return load_weights(ckpt_dir / MODEL_FILE)
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    return module
+
+def all_finite(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
+    """Whether every value is finite (one fused reduction and one host read; for save and log steps)."""
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack(torch._foreach_norm(tensors)).float().isfinite().all())
+
+
+# -- manifest and verification -------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.parts[0] not in DERIVED and rel.name != MANIFEST:
+            out.append(path)
+    return out
+
+
+def write_manifest(folder: Path, step: int, run_id: str, layout: dict) -> dict:
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _checkpoint_files(folder)
+    }
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "run_id": run_id, **layout, "files": files}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written by an older version")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint manifest")
+    return manifest
+
+
+def verify(folder: str | Path, checksums: bool = True) -> dict:
+    """The manifest of ``folder`` after checking every file it lists (size, and SHA-256 unless ``checksums``
+    is False); raises :class:`CheckpointError` naming the first bad file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for rel, want in manifest["files"].items():
+        path = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{folder / MANIFEST} lists a file outside the checkpoint: {rel}")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != want["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {want['size']}")
+        if checksums and sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum: the file was altered or corrupted")
+    return manifest
+
+
+# -- finding checkpoints --------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(ckpt_root: str | Path) -> list[Path]:
+    """Every finished-looking checkpoint directory under ``ckpt_root``, newest step first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and TAG.match(p.name)), key=lambda p: -int(p.name))
+
+
+def pointed(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint the ``latest`` pointer names, or None. The pointer holds a tag, nothing else: a path,
+    ``..`` or a link out of the folder is refused."""
+    root = Path(ckpt_root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not TAG.match(tag):
+        raise CheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag (7+ digits)")
+    path = root / tag
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"{pointer} names {path}, which leads outside {root}")
+    return path if path.is_dir() else None
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names (when it exists), else the newest complete one by scan; None if none.
+
+    Cheap (sizes only): for reading weights. Resuming uses :func:`find_resumable`, which also verifies checksums.
+    """
+    for path in _candidates(ckpt_root):
+        try:
+            verify(path, checksums=False)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def _candidates(ckpt_root: str | Path) -> list[Path]:
+    first = pointed(ckpt_root)
+    rest = [p for p in checkpoint_dirs(ckpt_root) if p != first]
+    return ([first] if first is not None else []) + rest
+
+
+def find_resumable(ckpt_root: str | Path, report: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume: ``latest`` if intact, else the newest intact one; each rejected checkpoint
+    is reported with the reason (the bad file). None when the folder holds no checkpoint at all."""
+    candidates = _candidates(ckpt_root)
+    for path in candidates:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            report(f"rejected checkpoint {path.name}: {err}")
+    if candidates:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_root} (tried {', '.join(p.name for p in candidates)})")
+    return None
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SaveRequest:
+    """Everything one save writes besides the engine state."""
+
+    step: int
+    run_id: str
+    trainer_state: dict  # this rank's (JSON values)
+    config_yaml: str
+    layout: dict  # world_size, zero_stage: what a resume needs to read the engine state
+    keep: int = 2
+
+
+def save_checkpoint(ckpt_root: str | Path, request: SaveRequest, engine: EngineState, ema) -> Path:
+    """Save ``<ckpt_root>/<step:07d>`` atomically (every rank calls this; see the module docstring).
+
+    ``ema`` has ``state_dict()`` giving the full EMA weights on rank 0 (a collective under ZeRO-3). Raises
+    :class:`NonFiniteError` before writing anything if the weights or the EMA are not finite.
+    """
+    root, tag, rank = Path(ckpt_root), tag_of(request.step), _rank()
+    staging = root / STAGING / tag
+    weights, ema_weights = engine.weights(), ema.state_dict()  # collectives: every rank takes part
+    if rank == 0 and not (all_finite(weights.values()) and all_finite(ema_weights.values())):
+        raise NonFiniteError(f"step {request.step}: the weights or the EMA are not finite; nothing was saved")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted save
+        staging.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    try:
+        engine.save(staging)
+        write_text_atomic(trainer_file(staging, rank), json.dumps(request.trainer_state))
+        if rank == 0:
+            _save_weights(weights, staging / MODEL_FILE)
+            _save_weights(ema_weights, staging / EMA_FILE)
+            write_text_atomic(staging / CONFIG_FILE, request.config_yaml)
+        _barrier()
+        if rank == 0:
+            _commit(root, staging, request)
+    except OSError as err:  # disk full, permissions: name the checkpoint, keep the previous one
+        raise CheckpointError(f"saving checkpoint {staging} failed: {err}") from err
+    _barrier()
+    return root / tag
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
+    save_file(weights, str(path))
+    fsync_dir(path.parent)
+
+
+def _commit(root: Path, staging: Path, request: SaveRequest) -> None:
+    """Rank 0, all files written: manifest, rename into place, pointer, rotation."""
+    write_manifest(staging, request.step, request.run_id, request.layout)
+    for path in _checkpoint_files(staging):
+        fsync_file(path)  # the rename below must not outlive the data it names
+    fsync_dir(staging)
+    final = root / tag_of(request.step)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    fsync_dir(root)
+    write_pointer(root, final.name)
+    prune(root, request.keep, request.run_id, protect=final.name)
+
+
+def write_pointer(root: Path, tag: str) -> None:
+    """Point ``latest`` at checkpoint ``tag`` (the last step of a save)."""
+    write_text_atomic(root / LATEST, tag)
+
+
+def prune(ckpt_root: Path, keep: int, run_id: str, protect: str) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints of run ``run_id``; others' are never touched."""
+    ours = []
+    for path in checkpoint_dirs(ckpt_root):
+        try:
+            if read_manifest(path).get("run_id") == run_id:
+                ours.append(path)
+        except CheckpointError:
+            continue  # not provably ours: keep it
+    removed = []
+    for path in ours[keep:]:
+        if path.name != protect:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+__all__ = [
+    "CheckpointError",
+    "EngineState",
+    "NonFiniteError",
+    "SaveRequest",
+    "all_finite",
+    "checkpoint_dirs",
+    "find_resumable",
+    "latest_checkpoint",
+    "load_ema_weights",
+    "load_model_weights",
+    "load_trainer_state",
+    "load_weights",
+    "prune",
+    "read_manifest",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "verify",
+]

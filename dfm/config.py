@@ -356,6 +356,8 @@ def validate(cfg: Config) -> None:
     here the components (model, objective, sampler) are built from the config and the rest is checked."""
     if not 0 <= cfg.seed < MAX_SEED:
         raise ConfigError(f"config key 'seed' must lie in [0, 2^63), got {cfg.seed}")
+    if cfg.exp_name in ("", ".", "..") or any(sep in cfg.exp_name for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"config key 'exp_name' must be a plain folder name inside output_dir, got {cfg.exp_name!r}")
     _check_model(cfg)
     _check_data(cfg)
     _keyed(lambda: DFMObjective.from_config(cfg), _section_keys("dfm", cfg.dfm), "dfm")

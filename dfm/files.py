@@ -88,6 +88,51 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> No
         json.dump(data, f, indent=indent)
 
 
+# -- an exclusive lock on a folder -------------------------------------------------------------------------
+
+
+class LockedError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` for as long as the process holds it (released on exit or
+    crash by the kernel, so a killed run never leaves a stale lock). The file says who holds it."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path, what: str):
+        self.path, self.what, self._fd = Path(folder) / self.NAME, what, None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent} is in use by {holder}: one {self.what} per folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 # -- log once ----------------------------------------------------------------------------------------------
 
 _logged: set[tuple] = set()
@@ -124,11 +169,14 @@ def env_switch(name: str, aliases: dict[str, str], default: str) -> str:
 ON_OFF_AUTO = {"auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
 
 __all__ = [
+    "FolderLock",
+    "LockedError",
     "ON_OFF_AUTO",
     "atomic_open",
     "atomic_path",
     "env_switch",
     "fsync_dir",
+    "fsync_file",
     "log_once",
     "replace_durably",
     "temporary_name",

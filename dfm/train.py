@@ -1,8 +1,10 @@
 """The training loop: one loop for every scale, on a DeepSpeed-style engine.
 
-The engine is anything with ``backward(loss)``, ``step()``, ``module`` and ``save_checkpoint`` (a
-DeepSpeed engine in practice; ``dfm.launch.train`` builds it). The only device-to-host reads happen at
-log intervals (loss), sample intervals and checkpoints; a plain step queues work and never waits.
+The loop needs three small things from the launch layer (``dfm.launch.train`` builds them): an engine
+(:class:`Engine`: called as the model, ``backward(loss)``, ``step()``, ``module``), an EMA (:class:`EMA`)
+and the engine's part of a checkpoint (``dfm.checkpoint.EngineState``); it knows nothing of DeepSpeed
+itself. The only device-to-host reads happen at log intervals (loss), sample intervals and checkpoints;
+a plain step queues work and never waits.
 
 Randomness follows the data, not the process: micro-batch ``slot = rank * accum_steps + micro`` of global
 step ``step`` holds the same samples (``dfm.data.InMemoryLoader``) and draws its stage, times, noise and
@@ -14,10 +16,12 @@ another world size continue the same run.
 
 from __future__ import annotations
 
-import copy
+import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,49 +33,37 @@ from dfm.precision import autocast, resolve_precision
 from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid
 
 
+class Engine(Protocol):
+    """The training engine as the loop uses it (a DeepSpeed engine in practice)."""
+
+    module: torch.nn.Module
+
+    def __call__(self, *args, **kwargs): ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+class EMA(Protocol):
+    """An exponential moving average of the weights (``dfm.launch.ema``)."""
+
+    def update_(self, model: torch.nn.Module, decay: float) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def module(self) -> torch.nn.Module | None: ...
+
+
 @dataclass
 class TrainState:
-    """What a resume needs besides the engine and EMA (saved per rank), and the layout that wrote it."""
+    """What a resume needs besides the engine and EMA (saved per rank as JSON)."""
 
     step: int = 0
     loader: dict = field(default_factory=dict)
     rng: dict = field(default_factory=dict)
-    world_size: int = 1
-    zero_stage: int = 0
-
-
-class ModelEMA:
-    """An fp32, frozen full copy of the model holding the exponential moving average of its weights.
-
-    Used wherever each rank holds the full weights (ZeRO 0-2), where the module's parameters are the fp32
-    master weights the optimizer has just updated; ``dfm.launch.engine.ZeRO3EMA`` is the partitioned
-    counterpart with the same methods.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self._targets = list(self.model.parameters())
-
-    def update_(self, model: torch.nn.Module, decay: float) -> None:
-        update_ema(self._targets, list(model.parameters()), decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().contiguous() for k, v in self.model.state_dict().items()}
-
-    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights)
-
-    def module(self) -> torch.nn.Module:
-        return self.model
-
-
-@torch.no_grad()
-def update_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * params``, tensor by tensor, in one fused foreach call.
-
-    ``params`` are read as they are (fp32 master weights): no per-step copies.
-    """
-    torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
 def draw_seed(seed: int, step: int, slot: int, slots: int) -> int:
@@ -93,51 +85,62 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns the run's moving parts; :meth:`fit` is the loop."""
 
-    def __init__(self, cfg, engine, ema, loader, accum_steps: int, rank: int = 0, config_yaml: str = "", writer=None):
+    def __init__(
+        self,
+        cfg,
+        engine: Engine,
+        ema: EMA,
+        loader,
+        accum_steps: int,
+        engine_state: checkpoint.EngineState,
+        rank: int = 0,
+        config_yaml: str = "",
+        writer=None,
+    ):
         self.cfg, self.engine, self.ema, self.loader = cfg, engine, ema, loader
-        self.accum_steps, self.rank, self.config_yaml, self.writer = accum_steps, rank, config_yaml, writer
+        self.accum_steps, self.engine_state, self.rank = accum_steps, engine_state, rank
+        self.config_yaml, self.writer = config_yaml, writer
         self.device = next(engine.module.parameters()).device
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.objective = DFMObjective.from_config(cfg)
         self.generator = torch.Generator(self.device)  # reseeded for every micro-batch: seed_draws()
         self.state = TrainState()
+        self.run_id = uuid.uuid4().hex  # a resume takes the id of the run it continues
         self.ckpt_root = cfg.run_dir / "checkpoints"
 
     # -- resume / checkpoint --------------------------------------------------------------------------
-    def resume(self, ckpt_dir: Path | None = None) -> bool:
-        """Continue from ``ckpt_dir`` (default: the latest checkpoint of the run); False if none."""
-        ckpt_dir = ckpt_dir or checkpoint.latest_checkpoint(self.ckpt_root)
-        if ckpt_dir is None:
-            return False
+    def resume(self, ckpt_dir: Path) -> None:
+        """Continue from ``ckpt_dir`` (verified by the caller: ``dfm.checkpoint.find_resumable``)."""
         ckpt_dir = Path(ckpt_dir)
-        checkpoint.load_engine(self.engine, ckpt_dir)
+        self.run_id = checkpoint.read_manifest(ckpt_dir)["run_id"]
+        self.engine_state.load(ckpt_dir)
         self.ema.load_state_dict(checkpoint.load_ema_weights(ckpt_dir))
         state = checkpoint.load_trainer_state(ckpt_dir, self.rank)
         own = state is not None
         if not own:  # a rank the saving run did not have: step and data position are the same on every rank
             state = checkpoint.load_trainer_state(ckpt_dir, 0)
         if state is None:
-            raise FileNotFoundError(f"{ckpt_dir} has no trainer state (trainer_rank<r>.pt)")
-        self.state = TrainState(**state)
+            raise checkpoint.CheckpointError(
+                f"{ckpt_dir} has no trainer state ({checkpoint.trainer_file(ckpt_dir, 0)})"
+            )
+        self.state = TrainState(step=int(state["step"]), loader=state["loader"], rng=state["rng"])
         self.loader.load_state_dict(self.state.loader)
         if own:  # the process-global RNGs; the training draws are reseeded per micro-batch anyway
             checkpoint.set_rng_state(self.state.rng)
-        return True
 
     def save(self) -> Path:
         self.state.loader = self.loader.state_dict()
         self.state.rng = checkpoint.rng_state()
-        self.state.world_size, self.state.zero_stage = self.world_size, self.cfg.train.zero_stage
-        return checkpoint.save_checkpoint(
-            self.ckpt_root,
-            self.state.step,
-            self.engine,
-            self.ema,
-            vars(self.state),
-            self.config_yaml,
+        request = checkpoint.SaveRequest(
+            step=self.state.step,
+            run_id=self.run_id,
+            trainer_state=vars(self.state),
+            config_yaml=self.config_yaml,
+            layout={"world_size": self.world_size, "zero_stage": self.cfg.train.zero_stage},
             keep=self.cfg.train.keep_ckpts,
         )
+        return checkpoint.save_checkpoint(self.ckpt_root, request, self.engine_state, self.ema)
 
     def seed_draws(self, step: int, micro: int) -> torch.Generator:
         """Seed the objective's generator for micro-batch ``micro`` of this rank in global step ``step``."""
@@ -175,8 +178,17 @@ class Trainer:
         return loss_sum
 
     def log_metrics(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> float:
-        """Log the mean loss of the last ``steps`` steps (the one host read, at log steps only); returns it."""
+        """Log the mean loss of the last ``steps`` steps (the one host read, at log steps only); returns it.
+
+        A non-finite loss stops the run here, before it can be saved (``dfm.checkpoint`` refuses to save
+        non-finite weights too): the last checkpoints stay the good ones.
+        """
         loss = _all_reduce_mean(loss_sum / (steps * self.accum_steps)).item()
+        if not math.isfinite(loss):
+            raise checkpoint.NonFiniteError(
+                f"step {self.state.step}: the training loss is {loss}; stopping before anything is saved "
+                f"(resume from the last checkpoint with a lower train.lr, or check the data)"
+            )
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, self.state.step)
             self.writer.add_scalar("train/steps_per_s", steps / seconds, self.state.step)

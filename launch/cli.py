@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -25,6 +26,35 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (a key, a file, a folder in use, a run gone non-finite): one line, no traceback.
+
+    ``ValueError`` covers the config, store, checkpoint and unsafe-file errors, ``OSError`` missing files,
+    permissions and a full disk.
+    """
+    from dfm.checkpoint import NonFiniteError
+    from dfm.files import LockedError
+
+    return (ValueError, OSError, LockedError, NonFiniteError)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run ``dfm <name> argv``; bad input exits 1 with one line naming the key or file. ``--debug`` (or
+    ``DFM_DEBUG=1``) shows the traceback instead."""
+    debug = "--debug" in argv or os.environ.get("DFM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        result = module.main(argv)
+    except _user_errors() as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"dfm {name}: {message}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -34,9 +64,7 @@ def main(argv: list[str] | None = None):
     if name not in COMMANDS:
         print(f"dfm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    module.main(rest)
-    return 0
+    return run_command(name, rest)
 
 
 if __name__ == "__main__":

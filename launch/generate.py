@@ -233,4 +233,6 @@ def main(argv: list[str] | None = None) -> Path | None:
 if __name__ == "__main__":
     # Run as a script by torchrun or the `deepspeed` launcher: `torchrun --nproc_per_node 8 launch/generate.py ...`.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    from dfm.launch.cli import run_command
+
+    sys.exit(run_command("generate", sys.argv[1:]))

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--data-dir", help="prepared latent store (sets data.kind=latents, data.data_dir)")
     p.add_argument("--model", help="model name, e.g. DFM-SiT-XL/2 or SiT-B/2")
     p.add_argument("--exp-name", help="run name: outputs go to <output_dir>/<exp_name>")
-    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest intact checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="clear a run folder that already holds a run, and start")
     p.add_argument("--ckpt", help="resume from this checkpoint directory, or fine-tune from an imported/exported model")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500")
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> float | None:
         sys.exit(f"dfm train: {err}")
     if start is not None:
         print(f"dfm train: fine-tuning the weights of {init} from step 0")
-        return run(cfg, init=start)
-    return run(cfg, resume=args.resume or (bool(args.ckpt) and init is None), ckpt=None if init else args.ckpt)
+        return run(cfg, init=start, overwrite=args.overwrite)
+    resume = args.resume or (bool(args.ckpt) and init is None)
+    return run(cfg, resume=resume, ckpt=None if init else args.ckpt, overwrite=args.overwrite)
 
 
 def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | None = None):
@@ -118,9 +120,9 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     universal checkpoint when it was written at another world size). ``init``: a model (built for ``cfg``)
     whose weights training starts from instead of a fresh initialisation; the EMA starts from them too.
     """
+    from dfm.launch.checkpoint import DeepSpeedState, needs_universal
     from dfm.launch.engine import batch_layout, build_engine, setup_distributed, training_device
 
-    from dfm import checkpoint
     from dfm.data import build_loader
     from dfm.models import DFMSiT
     from dfm.train import Trainer
@@ -130,7 +132,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = (init.train() if init is not None else DFMSiT.from_config(cfg)).to(device)
-    universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size, cfg.train.zero_stage)
+    universal = resume_from is not None and needs_universal(resume_from, world_size, cfg.train.zero_stage)
     engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
     loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)
 
@@ -142,29 +144,41 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(cfg.run_dir / "tb"))
-    return Trainer(cfg, engine, ema, loader, accum, rank=rank, config_yaml=config_yaml, writer=writer)
+    state = DeepSpeedState(engine, cfg.train.zero_stage)
+    return Trainer(cfg, engine, ema, loader, accum, state, rank=rank, config_yaml=config_yaml, writer=writer)
 
 
-def run(cfg: Config, resume: bool = False, ckpt: str | None = None, init: DFMSiT | None = None) -> float | None:
+def run(
+    cfg: Config, resume: bool = False, ckpt: str | None = None, init: DFMSiT | None = None, overwrite: bool = False
+) -> float | None:
     """Train ``cfg`` (already validated), optionally resuming or starting from the weights of ``init``; the
-    entry point tests call in-process."""
-    from dfm import checkpoint
+    entry point tests call in-process. The run folder is locked and checked first (``dfm.launch.rundir``)."""
+    from dfm.launch.engine import setup_distributed
+    from dfm.launch.rundir import open_run
 
-    resume_from = None
-    if resume:
-        resume_from = Path(ckpt) if ckpt else checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints")
-    trainer = build_trainer(cfg, resume_from, init=init)
-    if resume:
-        found = resume_from is not None and trainer.resume(resume_from)
-        if trainer.rank == 0:
-            print(f"dfm train: resumed at step {trainer.state.step}" if found else "dfm train: no checkpoint, starting")
-    loss = trainer.fit()
-    if trainer.writer is not None:
-        trainer.writer.close()
-    return loss
+    rank, _ = setup_distributed()
+    lock, resume_from = open_run(cfg, rank, resume, ckpt, overwrite)
+    try:
+        trainer = build_trainer(cfg, resume_from, init=init)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        if rank == 0 and resume:
+            found = (
+                f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint, starting"
+            )
+            print(f"dfm train: {found}")
+        loss = trainer.fit()
+        if trainer.writer is not None:
+            trainer.writer.close()
+        return loss
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
     # Run as a script by the `deepspeed` launcher or torchrun: `deepspeed launch/train.py --config ...`.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    from dfm.launch.cli import run_command
+
+    sys.exit(run_command("train", sys.argv[1:]))

@@ -291,7 +291,10 @@ def test_bf16_autocast_trains_fp32_master_weights(out):
     assert all(v.dtype == torch.float32 for v in raw.values()) and all(v.dtype == torch.float32 for v in ema.values())
     (optim_file,) = saved.glob("*optim_states.pt")
     master = torch.load(optim_file, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
-    working = torch.cat([v.flatten() for v in raw.values()])  # the flat group follows the parameter order
+    from dfm.models import DFMSiT
+
+    order = [name for name, _ in DFMSiT.from_config(tiny(out)).named_parameters()]
+    working = torch.cat([raw[name].flatten() for name in order])  # the flat group follows the parameter order
     assert master.dtype == torch.float32 and torch.equal(master[: working.numel()], working)
     assert not torch.equal(working.bfloat16().float(), working)  # weights carry bits that bf16 would drop
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from dfm.launch import import_checkpoint
 
-from dfm import load_pretrained
+from dfm import checkpoint, load_pretrained
 from dfm.config import ConfigError
 from dfm.models import DFMSiT, build_model
 from dfm.pretrained import pretrained_config
@@ -315,6 +315,7 @@ def test_load_pretrained_reads_every_source_alike(tmp_path):
     imported = run_import(src, tmp_path / "imported", "--model", "DFM-SiT-S/2", *TINY_FLAGS)
     ckpt = tmp_path / "runs" / "r" / "checkpoints" / "0000007"  # a run's checkpoint layout, weights-only
     shutil.copytree(imported, ckpt)
+    checkpoint.write_manifest(ckpt, 7, "run", {"world_size": 1, "zero_stage": 0})  # what a save writes last
     (ckpt.parent / "latest").write_text("0000007")
     exported = export(imported, tmp_path / "w.safetensors")
     for path in (imported, ckpt, tmp_path / "runs" / "r", exported):
@@ -345,7 +346,6 @@ def test_finetune_from_an_imported_directory(tmp_path):
 
     train.main(flags + ["--data-dir", str(store)])
     ckpt = tmp_path / "ft" / "checkpoints" / "0000002"
-    from dfm import checkpoint
 
     ema, raw, init = checkpoint.load_ema_weights(ckpt), checkpoint.load_model_weights(ckpt), ours.state_dict()
     # two AdamW steps of lr 1e-4 from the imported weights (a fresh init differs by ~0.2 everywhere)

@@ -1,0 +1,137 @@
+"""The run folder ``<output_dir>/<exp_name>``: one process per run, never two runs mixed, resumed safely.
+
+Rank 0 decides everything here before anything in the folder changes, and the other ranks follow its
+decision (an error stops every rank together):
+
+- a lock (``dfm.files.FolderLock``) held for the run's lifetime: a second ``dfm train`` on the same folder
+  stops at once, naming the holder;
+- a fresh run refuses a folder that already holds a run's outputs (checkpoints, TensorBoard events, sample
+  grids) unless ``--resume`` continues it or ``--overwrite`` clears it;
+- a resume takes the newest intact checkpoint (``dfm.checkpoint.find_resumable``: a corrupt one is rejected
+  by name and the previous one used), and checks that the config builds the same model as the checkpoint's
+  (naming every key that differs) before the folder's ``config.yaml`` is rewritten;
+- the folder must be writable, checked at start rather than at the first save.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from dfm import checkpoint
+from dfm.config import Config, ConfigError, config_from_dict
+from dfm.files import FolderLock, LockedError
+
+OUTPUTS = ("checkpoints", "tb", "samples", "config.yaml")
+# Keys that define the model or the engine layout: a checkpoint cannot be resumed under other values.
+MODEL_KEYS = ("model", "arch", "data.resolution", "data.channels", "data.num_classes", "dfm.stages_count")
+
+
+def _lookup(values: dict, dotted: str):
+    for part in dotted.split("."):
+        values = values.get(part, {}) if isinstance(values, dict) else {}
+    return values
+
+
+def _flatten(prefix: str, value) -> dict:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out = {}
+    for k, v in value.items():
+        out.update(_flatten(f"{prefix}.{k}", v))
+    return out
+
+
+def check_resume_config(cfg: Config, ckpt_dir: Path) -> None:
+    """Refuse to resume ``ckpt_dir`` with a config that builds another model, naming the differing keys."""
+    saved_file = ckpt_dir / checkpoint.CONFIG_FILE
+    saved = config_from_dict(yaml.safe_load(saved_file.read_text())).to_dict()
+    saved["dfm"]["stages_count"] = config_from_dict(saved).stages  # compare the resolved stage counts
+    mine = cfg.to_dict()
+    mine["dfm"]["stages_count"] = cfg.stages
+    diffs = []
+    for key in MODEL_KEYS:
+        a, b = _flatten(key, _lookup(saved, key)), _flatten(key, _lookup(mine, key))
+        diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume {ckpt_dir} with this config, which builds another model ({'; '.join(diffs)}); "
+            f"use the run's own config ({saved_file}) or another --exp-name"
+        )
+
+
+def has_outputs(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in OUTPUTS)
+
+
+def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Path | None:
+    """Rank 0's checks and choice of the checkpoint to resume (None: start at step 0); see the module docstring."""
+    run_dir = cfg.run_dir
+    if resume:
+        found = Path(ckpt) if ckpt else checkpoint.find_resumable(run_dir / "checkpoints", report=print)
+        if found is not None:
+            checkpoint.verify(found)
+            check_resume_config(cfg, found)
+        elif has_outputs(run_dir):
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; use --overwrite to start afresh")
+    else:
+        found = None
+        if has_outputs(run_dir) and not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run: add --resume to continue it, --overwrite to replace it, or pass "
+                "another --exp-name"
+            )
+        if overwrite:
+            for name in OUTPUTS:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    check_writable(run_dir)
+    return found
+
+
+def check_writable(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{run_dir} is not writable ({err.strerror}): checkpoints could not be saved") from None
+
+
+def agree(rank: int, decide):
+    """Rank 0 runs ``decide()``; every rank gets its result, or every rank raises its error."""
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = decide()
+        except (ConfigError, checkpoint.CheckpointError, LockedError, OSError) as err:
+            box[1] = err
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def open_run(cfg: Config, rank: int, resume: bool, ckpt: str | None, overwrite: bool):
+    """Lock the run folder (rank 0) and :func:`prepare` it; returns ``(lock or None, checkpoint to resume)``."""
+    held: list[FolderLock] = []
+
+    def decide():
+        held.append(FolderLock(cfg.run_dir, "training run").acquire())
+        return prepare(cfg, resume, ckpt, overwrite)
+
+    try:
+        found = agree(rank, decide)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return (held[0] if held else None), found
+
+
+__all__ = ["agree", "check_resume_config", "check_writable", "has_outputs", "open_run", "prepare"]
