@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dfm.files import env_switch, log_once
 
 # Optional imports set the name to None. A flash-attn wheel built against another torch can fail with
 # an OSError or RuntimeError as well as an ImportError, hence the broad except.
@@ -64,7 +65,6 @@ class _State:
 
 
 _state = _State()
-_logged: set[tuple] = set()
 
 
 def _check_name(name: str) -> str:
@@ -141,10 +141,12 @@ def _choose_and_log(requested: str, device: torch.device, dtype: torch.dtype, he
     # choice is logged without a graph break; ``requested`` is an argument so that changing the forced
     # backend still triggers a recompile.
     backend, reason = _choose(requested, device, dtype, head_dim)
-    key = (backend, device.type, dtype, head_dim)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("attention backend %s for %s %s head_dim %d (%s)", backend, device.type, dtype, head_dim, reason)
+    log_once(
+        logger,
+        (backend, device.type, dtype, head_dim),
+        "attention backend %s for %s %s head_dim %d (%s)",
+        *(backend, device.type, dtype, head_dim, reason),
+    )
     return backend
 
 
@@ -191,5 +193,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
 
-if os.environ.get(ENV_VAR):
-    set_attention_backend(os.environ[ENV_VAR])
+# The environment's choice, checked like every switch (a typo names the variable); set_attention_backend overrides it.
+set_attention_backend(env_switch(ENV_VAR, {name: name for name in BACKENDS}, "auto"))

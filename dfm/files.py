@@ -73,6 +73,28 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
         yield f
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; on success its files are fsynced and it is renamed to
+    ``path`` (which must not exist), so the folder appears whole or not at all; on failure it is removed."""
+    import shutil
+
+    path = Path(path)
+    staging = temporary_name(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for child in staging.rglob("*"):
+            if child.is_file():
+                fsync_file(child)
+        fsync_dir(staging)
+        os.replace(staging, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
@@ -172,6 +194,7 @@ __all__ = [
     "FolderLock",
     "LockedError",
     "ON_OFF_AUTO",
+    "atomic_folder",
     "atomic_open",
     "atomic_path",
     "env_switch",

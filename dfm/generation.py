@@ -37,6 +37,7 @@ from torch import Tensor
 
 from dfm.data.latents import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
+from dfm.files import atomic_open, atomic_path, write_text_atomic
 from dfm.precision import autocast, resolve_precision
 from dfm.sampling import StagedSampler, sample_sde
 from dfm.visualize import to_uint8
@@ -271,25 +272,13 @@ def count_done(parts: str | Path) -> int:
 # -- files ---------------------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(parts: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> Path:
     """Write the images (n, H, W, 3) uint8 and labels (n,) of indices ``[start, start + n)``, atomically."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
         raise ValueError(f"expected uint8 (n, H, W, 3) images and n labels, got {images.dtype} {images.shape}")
     path = shard_path(Path(parts), start, start + len(images))
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+    with atomic_open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, images=images, labels=np.asarray(labels, dtype=np.int64))
-    _fsync_replace(tmp, path)
     return path
 
 
@@ -332,9 +321,7 @@ def check_manifest(parts: str | Path, settings: dict) -> None:
             )
         return
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    _fsync_replace(tmp, path)
+    write_text_atomic(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]):
@@ -378,12 +365,10 @@ def merge_shards(parts: str | Path, out: str | Path, num_samples: int) -> Path:
 
     labels = np.concatenate([_read_labels(shard_path(parts, a, b)) for a, b in covered]).astype(np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(out)
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "arr_0", shape, np.uint8, images())
         _write_npy_member(zf, "arr_1", labels.shape, np.int64, [labels])
         _write_npy_member(zf, "labels", labels.shape, np.int64, [labels])
-    _fsync_replace(tmp, out)
     return out
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dfm.config import Config, ConfigError, config_from_dict
+from dfm.files import atomic_folder
 from dfm.models import MODELS, PATCHES, SIZES, DFMSiT, sincos_pos_embed, timestep_frequencies
 from dfm.pretrained import check_state_dict
 from dfm.safe_load import load_torch_file
@@ -547,13 +546,6 @@ def convert_checkpoint(src: str | Path, options: Options | None = None, exp_name
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another --out")
@@ -563,29 +555,16 @@ def write_imported(converted: Converted, out: str | Path) -> Path:
     """Write ``out/ema.safetensors`` and ``out/config.yaml``: staged in a sibling folder, fsynced, renamed."""
     out = Path(out)
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    if out.is_dir():
+        out.rmdir()  # empty (checked above): the staged folder takes its place
+    with atomic_folder(out) as staging:
         config_yaml = yaml.safe_dump(converted.config.to_dict(), sort_keys=False)
         src = converted.source
         metadata = {"config": config_yaml, "model": converted.config.model, "weights": src.entry,
                     "layout": converted.layout, "source": src.path.name,
                     "step": "" if src.steps is None else str(src.steps)}  # fmt: skip
         save_file(converted.weights, str(staging / "ema.safetensors"), metadata=metadata)
-        with open(staging / "ema.safetensors", "rb") as f:
-            os.fsync(f.fileno())
-        _fsync_write(staging / "config.yaml", config_yaml)
-        os.replace(staging, out)  # atomic: out appears whole or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        (staging / "config.yaml").write_text(config_yaml)
     return out
 
 

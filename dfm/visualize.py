@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dfm.files import atomic_path
 from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise
 
 
@@ -61,9 +62,8 @@ def stage_preview_grid(result: SampleResult, rows: int, scale: int = 1) -> np.nd
 def save_png(grid: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dfm.files import atomic_path, write_text_atomic
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -45,10 +47,9 @@ def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "f
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(weights, str(tmp), metadata=metadata)
-    tmp.replace(out)
-    out.with_suffix(".yaml").write_text(config_yaml)
+    with atomic_path(out) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
+    write_text_atomic(out.with_suffix(".yaml"), config_yaml)
     return out
 
 

@@ -29,6 +29,7 @@ import torch
 
 from dfm import checkpoint
 from dfm.config import Config, ConfigError, load_config
+from dfm.files import write_json_atomic
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODELS = ("dfm", "sit")
@@ -217,9 +218,7 @@ def markdown(study: dict) -> str:
 
 
 def save_json(study: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(study, indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, study)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -42,7 +42,6 @@ INCEPTION_SIZE = 299
 NUM_CLASSES = 1008  # the 2015 graph's classifier: 1000 ImageNet classes plus 8 unused
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7
-SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 
 class InceptionFeatures(NamedTuple):

@@ -103,11 +103,6 @@ class NpzImages:
         return np.concatenate(list(self.batches(4096)), axis=0)
 
 
-def has_images(path: str | Path, key: str = IMAGES_KEY) -> bool:
-    """Whether the archive holds an image array under ``key``."""
-    return key in npz_keys(path)
-
-
 def read_reference_stats(path: str | Path) -> dict[str, FeatureStats]:
     """The precomputed statistics a reference ``.npz`` carries, by feature name ("pool", "spatial", "dinov2").
 
