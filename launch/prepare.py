@@ -16,7 +16,7 @@ import json
 import sys
 
 from dfm.data import prepare
-from dfm.data.latents import validate_store
+from dfm.data.store import validate_store
 
 
 def build_parser() -> argparse.ArgumentParser:

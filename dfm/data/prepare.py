@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dfm.data.latents import (
+from dfm.data.store import (
     FILES_INDEX,
     LABELS,
     LATENT_SCALE,
@@ -42,8 +42,8 @@ from dfm.data.latents import (
     finish_latent_stats,
     latent_stats_accumulator,
     update_latent_stats,
-    write_json_atomic,
 )
+from dfm.files import write_json_atomic
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 TRANSFORMS = ("center-crop-dhariwal", "center-crop")

@@ -13,7 +13,7 @@ from data_testing import CLASSES, PER_CLASS, make_image_folder
 from PIL import Image
 
 from dfm.data import prepare
-from dfm.data.latents import open_store, validate_store
+from dfm.data.store import open_store, validate_store
 
 
 def test_center_crop_dhariwal_keeps_the_centre_and_size():

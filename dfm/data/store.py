@@ -1,8 +1,7 @@
-"""Latent store and the loaders that feed VAE latents to every rank.
+"""The latent store format: opening and validating a store, writing one, and its latent statistics.
 
 A store holds SD-VAE encoder moments, ``concat([mean, std])`` of shape ``(2C, h, w)`` per image, and one class
-label per image. Training draws the posterior sample ``x = (mean + std * n) * scale`` with ``n ~ N(0, I)`` and
-``scale = 0.18215`` (the SD-VAE scaling factor), as the seed does. Two layouts are read:
+label per image; training draws the posterior sample from them (:mod:`dfm.data.stream`). Two layouts are read:
 
 * **packed** (written by ``dfm prepare encode``): ``manifest.json`` + ``moments.npy`` ``(N, 2C, h, w)`` float16 or
   float32, memory-mapped, + ``labels.npy`` ``(N,)`` int64. A rank reads its shard by fancy-indexing one file
@@ -12,30 +11,17 @@ label per image. Training draws the posterior sample ``x = (mean + std * n) * sc
   class count, otherwise they are read from the first file.
 
 ``data_dir`` may be the store itself or its parent holding ``vae-sd/`` (the seed's ``--data-dir`` habit).
-
-Sample order is the same for every loader (:class:`ShardedStream`): epoch ``e`` visits one permutation of all
-``N`` samples drawn from ``(seed, e)``; the epochs' permutations, concatenated, are cut into global batches of
-``micro_batch * world_size * accum_steps`` and every rank reads its own slots of each global batch. Shards are
-disjoint, every epoch is covered (nothing dropped or padded), and the state at a step boundary,
-``{"samples_seen": ...}``, is the same on every rank and resumes at any world size.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import logging
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
-import torch
-from torch import Tensor
 
-log = logging.getLogger(__name__)
+from dfm.files import write_json_atomic
 
 LATENT_SCALE = 0.18215  # SD-VAE scaling factor: training latents are (mean + std * n) * 0.18215
 MANIFEST = "manifest.json"
@@ -47,20 +33,6 @@ STORE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 class StoreError(ValueError):
     """A latent store that cannot be trained on; the message names the offending file."""
-
-
-class Loader(Protocol):
-    """What the training loop relies on: an endless batch stream with a resumable position."""
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Store
 
 
 @dataclass
@@ -320,256 +292,7 @@ def _check_finite(m: np.ndarray, store: LatentStore, path: Path, start: int = 0)
         raise StoreError(f"{path}: sample {start + int(np.flatnonzero(bad)[0])} has non-finite moments or std < 0")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sample order and the posterior draw, shared by both loaders
-
-
-class ShardedStream:
-    """Which samples rank ``rank`` reads, micro-batch by micro-batch.
-
-    The global stream is one seeded permutation of all ``N`` samples per epoch, epochs concatenated. It is cut
-    into global batches of ``G = micro_batch * world_size * accum_steps`` positions; micro-batch ``j`` of rank
-    ``r`` in a global batch is slot ``r * accum_steps + j`` of it, ``micro_batch`` consecutive positions. So the
-    ranks' shards are disjoint and together cover every epoch (a global batch may straddle two epochs; nothing
-    is dropped or padded), and a global batch does not depend on how ``G`` is split into ranks and accumulation
-    steps: a run resumes at another world size with the same global stream.
-
-    Positions count from ``offset`` (the global samples consumed before this loader started); ``k`` numbers
-    this rank's micro-batches from there.
-    """
-
-    def __init__(self, count: int, rank: int, world_size: int, seed: int, micro_batch: int, accum_steps: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if micro_batch < 1 or accum_steps < 1:
-            raise ValueError(f"micro_batch and accum_steps must be positive, got {micro_batch} and {accum_steps}")
-        if count < world_size:
-            raise StoreError(f"{count} samples cannot give each of {world_size} ranks a non-empty shard")
-        self.count, self.rank, self.world_size, self.seed = count, rank, world_size, seed
-        self.micro_batch, self.accum_steps = micro_batch, accum_steps
-        self.global_batch = micro_batch * world_size * accum_steps
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        """The global visiting order of epoch ``epoch`` (store indices), the same on every rank."""
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
-        return self._perm
-
-    def indices(self, start: int, n: int) -> np.ndarray:
-        """Store indices at global positions ``[start, start + n)``; may straddle epochs."""
-        out, filled = np.empty(n, dtype=np.int64), 0
-        while filled < n:
-            epoch, pos = divmod(start + filled, self.count)
-            take = min(n - filled, self.count - pos)
-            out[filled : filled + take] = self.epoch_permutation(epoch)[pos : pos + take]
-            filled += take
-        return out
-
-    def micro_start(self, offset: int, k: int) -> int:
-        """Global position of this rank's ``k``-th micro-batch after ``offset``."""
-        b, j = divmod(k, self.accum_steps)
-        return offset + b * self.global_batch + (self.rank * self.accum_steps + j) * self.micro_batch
-
-
-def batch_seed(seed: int, start: int) -> int:
-    """Seed of the posterior noise of the micro-batch at global position ``start``: rank-independent, so a
-    global batch draws the same noise however it is split into ranks (for one micro-batch size)."""
-    return int(np.random.SeedSequence([seed, start, 0x9E3779B9]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def sample_posterior(moments: Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None) -> Tensor:
-    """Draw ``(mean + std * n) * scale`` from moments ``(B, 2C, h, w)``; float32 out whatever the store dtype."""
-    mean, std = moments.float().chunk(2, dim=1)
-    n = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return n.mul_(std).add_(mean).mul_(scale)  # (mean + std * n) * scale, in place: no temporaries
-
-
-class _StreamState:
-    """``state_dict`` / ``load_state_dict`` shared by both loaders.
-
-    The position is ``offset`` (global samples consumed when this loader started) plus ``k`` micro-batches of
-    this rank since then. At a step boundary the state is the same on every rank and for every split of the
-    global batch, which is what lets a checkpoint resume at another world size.
-    """
-
-    stream: ShardedStream
-    store: LatentStore
-    offset: int
-    k: int
-
-    def state_dict(self) -> dict:
-        steps, micro = divmod(self.k, self.stream.accum_steps)
-        samples_seen = self.offset + steps * self.stream.global_batch  # global samples of the completed steps
-        epoch, position = divmod(samples_seen, self.store.count)
-        return {
-            "samples_seen": samples_seen,
-            "micro": micro,  # micro-batches of an unfinished accumulation (0 at a step boundary)
-            "epoch": epoch,  # samples_seen as (epoch, position in its permutation)
-            "position": position,
-            "global_batch": self.stream.global_batch,
-            "world_size": self.stream.world_size,
-            "seed": self.stream.seed,
-            "count": self.store.count,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("count", self.store.count), ("seed", self.stream.seed)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]}, this loader has {key}={mine}: cannot resume")
-        micro = int(state.get("micro", 0))
-        layout = (state.get("global_batch"), state.get("world_size"))
-        if micro and layout != (self.stream.global_batch, self.stream.world_size):
-            raise ValueError(
-                f"loader state stops {micro} micro-batches into an accumulation of global batch {layout[0]} on "
-                f"{layout[1]} ranks; this loader has {self.stream.global_batch} on {self.stream.world_size}: "
-                "resume at a step boundary to change the layout"
-            )
-        if "samples_seen" in state:
-            self.offset = int(state["samples_seen"])
-        else:
-            self.offset = int(state["epoch"]) * self.store.count + int(state["position"])
-        self.k = micro
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PyTorch DataLoader loader (the fallback)
-
-
-class _BatchDataset(torch.utils.data.Dataset):
-    """Item ``start`` is the whole micro-batch at global position ``start``.
-
-    Batches are gathered in one fancy-indexed read of the memory map rather than ``micro_batch`` item reads
-    and a collate. With ``draw`` the posterior sample is drawn here (in the worker); otherwise the moments are
-    returned and the caller draws on its device.
-    """
-
-    def __init__(self, store: LatentStore, stream: ShardedStream, draw: bool):
-        self.store, self.stream, self.draw = store, stream, draw
-
-    def __getitem__(self, start: int) -> tuple[Tensor, Tensor, int]:
-        idx = self.stream.indices(start, self.stream.micro_batch)
-        moments = torch.from_numpy(self.store.gather(idx))
-        y = torch.from_numpy(self.store.labels[idx])
-        if self.draw:
-            g = torch.Generator().manual_seed(batch_seed(self.stream.seed, start))
-            return sample_posterior(moments, self.store.scale, g), y, start
-        return moments, y, start
-
-
-class TorchLatentLoader(_StreamState):
-    """Endless loader over a latent store built on ``torch.utils.data.DataLoader``.
-
-    The noise of each micro-batch is seeded by ``(seed, global position)``, so a resumed run reproduces the
-    uninterrupted one exactly, noise included, whatever ``num_workers`` is. On CUDA the moments travel pinned
-    and the posterior is drawn on the device; on CPU the workers draw it.
-    """
-
-    def __init__(
-        self,
-        store: LatentStore,
-        micro_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        num_workers: int = 2,
-        device: str | torch.device = "cpu",
-        accum_steps: int = 1,
-        prefetch_factor: int = 2,
-    ):
-        self.store, self.micro_batch = store, micro_batch
-        self.stream = ShardedStream(store.count, rank, world_size, seed, micro_batch, accum_steps)
-        self.num_workers, self.device, self.prefetch_factor = num_workers, torch.device(device), prefetch_factor
-        self.offset, self.k = 0, 0
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        on_cuda = self.device.type == "cuda"
-        offset, k0 = self.offset, self.k
-        loader = torch.utils.data.DataLoader(
-            _BatchDataset(self.store, self.stream, draw=not on_cuda),
-            batch_size=None,  # items are already batches
-            sampler=(self.stream.micro_start(offset, k) for k in itertools.count(k0)),
-            num_workers=self.num_workers,
-            pin_memory=on_cuda,
-            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-        )
-        generator = torch.Generator(self.device) if on_cuda else None
-        for out, y, start in loader:
-            if on_cuda:
-                generator.manual_seed(batch_seed(self.stream.seed, start))
-                out = sample_posterior(out.to(self.device, non_blocking=True), self.store.scale, generator)
-                y = y.to(self.device, non_blocking=True)
-            self.k += 1  # the caller holds this batch from here on
-            yield out, y
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loader selection
-
-
-def dali_available() -> bool:
-    """Whether NVIDIA DALI and its PyTorch plugin import."""
-    from dfm.data import dali
-
-    return dali.pipeline_def is not None
-
-
-_warned_fallback = False
-
-
-def use_dali(loader: str, device: str | torch.device) -> bool:
-    """The one predicate choosing DALI over the PyTorch DataLoader.
-
-    ``"dali"`` insists (error if DALI is missing), ``"torch"`` never uses it, ``"auto"`` uses DALI when it
-    imports and the batches go to a CUDA device: there DALI draws the posterior with GPU operators. On CPU the
-    DataLoader with two workers delivered 3-6x the samples/s of DALI's CPU pipeline on the packed store
-    (``benchmarks/bench_loader.py``, 2-core AMD EPYC), so ``auto`` keeps the DataLoader there.
-    """
-    global _warned_fallback
-    if loader not in ("auto", "dali", "torch"):
-        raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {loader!r}")
-    if loader == "torch":
-        return False
-    available = dali_available()
-    if loader == "dali":
-        if not available:
-            raise RuntimeError(
-                "loader='dali' was asked for but nvidia.dali does not import (pip install nvidia-dali-*)"
-            )
-        return True
-    on_cuda = torch.device(device).type == "cuda"
-    if not (available and on_cuda) and not _warned_fallback:
-        why = "DALI does not import" if not available else "the device is not CUDA"
-        log.info("latent loader: using the PyTorch DataLoader (%s)", why)
-        _warned_fallback = True
-    return available and on_cuda
-
-
-def build_latent_loader(
-    data_dir: str | Path,
-    micro_batch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    loader: str = "auto",
-    num_workers: int = 2,
-    device: str | torch.device | None = "cpu",
-    accum_steps: int = 1,
-    deep_validate: bool = False,
-    **kwargs: Any,
-) -> Loader:
-    """Validate the store at ``data_dir`` (errors name the file, before training starts) and build this rank's
-    endless loader: DALI or the PyTorch DataLoader as :func:`use_dali` decides. ``accum_steps`` (gradient
-    accumulation) shapes the global batch, see :class:`ShardedStream`; ``kwargs`` go to the loader."""
-    if micro_batch < 1:
-        raise ValueError(f"micro_batch must be positive, got {micro_batch}")
-    device = torch.device("cpu") if device is None else torch.device(device)
-    store = validate_store(data_dir, world_size=world_size, deep=deep_validate)
-    if use_dali(loader, device):
-        from dfm.data.dali import DaliLatentLoader
-
-        return DaliLatentLoader(store, micro_batch, rank, world_size, seed, num_workers, device, accum_steps, **kwargs)
-    return TorchLatentLoader(store, micro_batch, rank, world_size, seed, num_workers, device, accum_steps, **kwargs)
+# -- writing -----------------------------------------------------------------------------------------------
 
 
 def write_store(
@@ -656,12 +379,3 @@ def finish_latent_stats(acc: dict) -> dict:
     mu = acc["s1"] / acc["n"]
     var = np.maximum(acc["s2"] / acc["n"] - mu * mu, 0.0)
     return {"mean": mu.tolist(), "std": np.sqrt(var).tolist(), "of": "z = mean + std * n, before scaling"}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file (the temporary name
-    carries the process id: several ranks may write the same file at once)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    tmp.replace(path)
