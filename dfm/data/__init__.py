@@ -1,12 +1,11 @@
 """Data sources behind one loader interface, and the choice between them.
 
-Every loader is an endless iterator of ``(x, y)`` micro-batches (x float32 (B, C, H, W), y int64 (B,)),
-sharded by rank and reshuffled each epoch from the seed, with ``state_dict`` / ``load_state_dict`` to resume
-mid-epoch exactly, at any world size.
+Every loader is an endless iterator of ``(x, y)`` micro-batches (x float32 (B, C, H, W), y int64 (B,)) in the
+order of one shared sample stream (:mod:`dfm.data.stream`): sharded by rank, reshuffled each epoch from the seed,
+with ``state_dict`` / ``load_state_dict`` to resume mid-epoch exactly, at any world size.
 
 * :mod:`dfm.data.digits` -- the embedded digits, held in memory;
-* :mod:`dfm.data.store` -- the latent store format, read by :mod:`dfm.data.torch_loader` and :mod:`dfm.data.dali`
-  in the order of :mod:`dfm.data.stream`;
+* :mod:`dfm.data.store` -- the latent store format, read by :mod:`dfm.data.torch_loader` and :mod:`dfm.data.dali`;
 * :mod:`dfm.data.prepare` -- ``dfm prepare``: images to a latent store.
 """
 
@@ -45,7 +44,7 @@ def build_loader(
     """The loader named by ``data_cfg.kind``: the embedded digits or a prepared latent store.
 
     ``accum_steps`` lets the loaders cut each global batch into per-rank, per-accumulation-step slots, so that
-    the global batch does not depend on the world size (``InMemoryLoader``, :class:`~dfm.data.stream.ShardedStream`).
+    the global batch does not depend on the world size (:class:`~dfm.data.stream.ShardedStream`).
     """
     if data_cfg.kind == "digits":
         x, y = load_digits_tensor(data_cfg.resolution)

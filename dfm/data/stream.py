@@ -5,8 +5,8 @@ concatenated, are cut into global batches of ``micro_batch * world_size * accum_
 own slots of each global batch (:class:`ShardedStream`). Shards are disjoint, every epoch is covered (nothing
 dropped or padded), and the position at a step boundary, ``{"samples_seen": ...}``, is the same on every rank
 and resumes at any world size (:class:`StreamReader`). The loaders over the latent store
-(:mod:`dfm.data.torch_loader`, :mod:`dfm.data.dali`) differ only in how they fetch the samples at the positions
-the stream names.
+(:mod:`dfm.data.torch_loader`, :mod:`dfm.data.dali`) and over the in-memory digits (:mod:`dfm.data.digits`)
+differ only in how they fetch the samples at the positions the stream names.
 """
 
 from __future__ import annotations
