@@ -33,16 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dfm.data.store import (
-    FILES_INDEX,
-    LABELS,
-    LATENT_SCALE,
-    MANIFEST,
-    MOMENTS,
-    finish_latent_stats,
-    latent_stats_accumulator,
-    update_latent_stats,
-)
+from dfm.data.store import FILES_INDEX, LATENT_SCALE, MANIFEST, StoreWriter
 from dfm.files import write_json_atomic
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -477,7 +468,7 @@ def finalize_store(
         )
     with open(dest / "parts" / "plan.json") as f:
         plan = json.load(f)
-    labels_all = np.array(plan["labels"], dtype=np.int64)
+    labels = np.array(plan["labels"], dtype=np.int64)
     parts = [_part_path(dest, c) for c in range(plan["num_chunks"])]
     count, shape, dtype, skipped = 0, None, None, []
     for p in parts:  # first pass: sizes only (npz members load lazily)
@@ -489,54 +480,13 @@ def finalize_store(
                 shape, dtype = z["moments"].shape[1:], z["moments"].dtype
     if count == 0:
         raise RuntimeError(f"every image of {plan['source']} was skipped: nothing to store in {dest}")
-    acc = latent_stats_accumulator()
-    labels = np.empty(count, dtype=np.int64)
-    entries = []
-    moments_out = (
-        np.lib.format.open_memmap(dest / MOMENTS, mode="w+", dtype=dtype, shape=(count, *shape))
-        if layout == "packed"
-        else None
-    )
-    row = 0
+    writer = StoreWriter(dest, layout, count, shape, dtype)
     for p in tqdm(parts, desc="pack", unit="chunk", disable=len(parts) < 8):
         with np.load(p) as z:
             m, idx = z["moments"], z["index"]
-        if not len(idx):
-            continue
-        update_latent_stats(acc, m)
-        labels[row : row + len(idx)] = labels_all[idx]
-        if layout == "packed":
-            moments_out[row : row + len(idx)] = m
-        else:
-            for j in range(len(idx)):
-                name = f"{row + j:08d}"[:5] + f"/img-mean-std-{row + j:08d}.npy"
-                (dest / name).parent.mkdir(exist_ok=True)
-                np.save(dest / name, m[j])
-                entries.append([name, int(labels[row + j])])
-        row += len(idx)
-    if layout == "packed":
-        moments_out.flush()
-        del moments_out
-        np.save(dest / LABELS, labels)
-    else:
-        write_json_atomic(dest / FILES_INDEX, {"labels": entries})
-    manifest = {
-        "format": "dfm-latents",
-        "version": 1,
-        "layout": layout,
-        "count": count,
-        "shape": list(shape),
-        "dtype": str(dtype),
-        "num_classes": plan["num_classes"],
-        "scale": scale,
-        "stats": finish_latent_stats(acc),
-        "source": plan["source"],
-        "vae": vae,
-        "skipped": skipped,
-    }
-    if layout == "packed":
-        manifest.update(moments=MOMENTS, labels=LABELS)
-    write_json_atomic(dest / MANIFEST, manifest)
+        if len(idx):
+            writer.add(m, labels[idx])
+    manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], vae=vae, skipped=skipped)
     if not keep_parts:
         shutil.rmtree(dest / "parts")
     return manifest

@@ -10,7 +10,8 @@ label per image; training draws the posterior sample from them (:mod:`dfm.data.s
   ``(2C, h, w)`` ``.npy`` per image; an optional ``manifest.json`` with ``"layout": "files"`` gives shape, dtype and
   class count, otherwise they are read from the first file.
 
-``data_dir`` may be the store itself or its parent holding ``vae-sd/`` (the seed's ``--data-dir`` habit).
+``data_dir`` may be the store itself or its parent holding ``vae-sd/`` (the seed's ``--data-dir`` habit). A store
+is written by :class:`StoreWriter`, manifest last: a folder with a manifest holds a complete store.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfm.files import write_json_atomic
+from dfm.files import atomic_open, write_json_atomic
 
 LATENT_SCALE = 0.18215  # SD-VAE scaling factor: training latents are (mean + std * n) * 0.18215
 MANIFEST = "manifest.json"
@@ -29,6 +30,7 @@ MOMENTS = "moments.npy"
 LABELS = "labels.npy"
 FILES_INDEX = "dataset.json"  # the seed's / EDM2's per-file index: {"labels": [[relative_path, label], ...]}
 STORE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+LAYOUTS = ("packed", "files")
 
 
 class StoreError(ValueError):
@@ -295,6 +297,118 @@ def _check_finite(m: np.ndarray, store: LatentStore, path: Path, start: int = 0)
 # -- writing -----------------------------------------------------------------------------------------------
 
 
+def sample_file_name(i: int) -> str:
+    """Where sample ``i`` of a files-layout store lives, in the seed's naming: ``00012/img-mean-std-00012345.npy``."""
+    s = f"{i:08d}"
+    return f"{s[:5]}/img-mean-std-{s}.npy"
+
+
+class _LatentStats:
+    """Per-channel mean and std of the unscaled posterior latent ``z = mean + std * n``, summed chunk by chunk.
+
+    Exact, not sampled: ``E[z] = E[mean]`` and ``Var[z] = E[mean^2] + E[std^2] - E[z]^2`` (float64 sums).
+    """
+
+    OF = "z = mean + std * n, before scaling"
+
+    def __init__(self):
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def update(self, moments: np.ndarray) -> None:
+        if len(moments) == 0:
+            return
+        c = moments.shape[1] // 2
+        m = np.asarray(moments, dtype=np.float64)
+        mean, std = m[:, :c], m[:, c:]
+        self.s1 = self.s1 + mean.sum(axis=(0, 2, 3))
+        self.s2 = self.s2 + (mean * mean + std * std).sum(axis=(0, 2, 3))
+        self.n += mean.shape[0] * mean.shape[2] * mean.shape[3]
+
+    def result(self) -> dict:
+        if not self.n:
+            return {"mean": [], "std": [], "of": self.OF}
+        mu = self.s1 / self.n
+        var = np.maximum(self.s2 / self.n - mu * mu, 0.0)
+        return {"mean": mu.tolist(), "std": np.sqrt(var).tolist(), "of": self.OF}
+
+
+class StoreWriter:
+    """Write a store of ``count`` samples chunk by chunk: :meth:`add` them in order, then :meth:`finish`.
+
+    The packed layout fills a preallocated ``moments.npy`` in place, so a store larger than memory is packed
+    without holding it; the files layout writes one ``.npy`` per sample (:func:`sample_file_name`). Neither goes
+    through temporary names: a store counts only once its manifest exists, and :meth:`finish` writes the
+    manifest last and atomically, after the data it describes is on disk. A writer killed midway leaves no
+    store, and writing again overwrites what it left.
+    """
+
+    def __init__(self, root: str | Path, layout: str, count: int, shape: tuple[int, ...], dtype: np.dtype | str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'packed' or 'files', got {layout!r}")
+        self.root, self.layout, self.count = Path(root), layout, int(count)
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.labels = np.empty(self.count, dtype=np.int64)
+        self.written = 0
+        self._stats = _LatentStats()
+        self._moments = None
+        if layout == "packed":
+            shape = (self.count, *self.shape)
+            self._moments = np.lib.format.open_memmap(self.root / MOMENTS, mode="w+", dtype=self.dtype, shape=shape)
+
+    def add(self, moments: np.ndarray, labels: np.ndarray) -> None:
+        """Append the next samples: moments ``(B, 2C, h, w)`` and their labels ``(B,)``."""
+        lo, hi = self.written, self.written + len(moments)
+        if hi > self.count or len(labels) != len(moments) or tuple(moments.shape[1:]) != self.shape:
+            raise ValueError(
+                f"{self.root}: cannot add {len(moments)} samples of {tuple(moments.shape[1:])} with {len(labels)} "
+                f"labels to a store of {self.count} samples of {self.shape} holding {self.written}"
+            )
+        self._stats.update(moments)
+        self.labels[lo:hi] = labels
+        if self._moments is not None:
+            self._moments[lo:hi] = moments
+        else:
+            for i, m in zip(range(lo, hi), moments):
+                path = self.root / sample_file_name(i)
+                path.parent.mkdir(exist_ok=True)
+                np.save(path, m.astype(self.dtype, copy=False))
+        self.written = hi
+
+    def finish(self, num_classes: int, scale: float = LATENT_SCALE, **extra) -> dict:
+        """Write the labels (packed) or the index (files), then the manifest; return the manifest.
+
+        ``extra`` keys are recorded in the manifest (``dfm prepare encode`` records the image source, the VAE
+        and the images it skipped).
+        """
+        if self.written != self.count:
+            raise ValueError(f"{self.root}: {self.written} of {self.count} samples written, the store is incomplete")
+        if self._moments is not None:
+            self._moments.flush()  # msync: the moments are on disk before the manifest names them
+            self._moments = None
+            with atomic_open(self.root / LABELS, "wb") as f:
+                np.save(f, self.labels)
+        else:
+            entries = [[sample_file_name(i), int(y)] for i, y in enumerate(self.labels)]
+            write_json_atomic(self.root / FILES_INDEX, {"labels": entries})
+        manifest = {
+            "format": "dfm-latents",
+            "version": 1,
+            "layout": self.layout,
+            "count": self.count,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+            "num_classes": int(num_classes),
+            "scale": scale,
+            "stats": self._stats.result(),
+            **extra,
+        }
+        if self.layout == "packed":
+            manifest.update(moments=MOMENTS, labels=LABELS)
+        write_json_atomic(self.root / MANIFEST, manifest)
+        return manifest
+
+
 def write_store(
     root: str | Path,
     moments: np.ndarray,
@@ -302,80 +416,14 @@ def write_store(
     num_classes: int,
     layout: str = "packed",
     scale: float = LATENT_SCALE,
-    extra: dict | None = None,
 ) -> Path:
-    """Write an in-memory ``(N, 2C, h, w)`` moments array and labels as a store (packed or files layout).
+    """Write an in-memory ``(N, 2C, h, w)`` moments array and its labels as a store; return its folder.
 
-    The manifest is written last, so its presence marks a complete store. Used by tests, benchmarks and by
-    ``dfm prepare encode`` for small stores; large stores are packed chunk by chunk by :mod:`dfm.data.prepare`.
+    One :class:`StoreWriter` chunk, for tests and benchmarks; ``dfm prepare encode`` packs its chunks through the
+    same writer (:func:`dfm.data.prepare.finalize_store`), so both write the same format.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    moments, labels = np.asarray(moments), np.asarray(labels, dtype=np.int64)
-    manifest = {
-        "format": "dfm-latents",
-        "version": 1,
-        "layout": layout,
-        "count": len(moments),
-        "shape": list(moments.shape[1:]),
-        "dtype": str(moments.dtype),
-        "num_classes": int(num_classes),
-        "scale": scale,
-        "stats": latent_stats(moments),
-        **(extra or {}),
-    }
-    if layout == "packed":
-        np.save(root / MOMENTS, moments)
-        np.save(root / LABELS, labels)
-        manifest.update(moments=MOMENTS, labels=LABELS)
-    elif layout == "files":
-        entries = []
-        for i, (m, y) in enumerate(zip(moments, labels)):
-            name = f"{i:08d}"[:5] + f"/img-mean-std-{i:08d}.npy"
-            (root / name).parent.mkdir(exist_ok=True)
-            np.save(root / name, m)
-            entries.append([name, int(y)])
-        with open(root / FILES_INDEX, "w") as f:
-            json.dump({"labels": entries}, f)
-    else:
-        raise ValueError(f"layout must be 'packed' or 'files', got {layout!r}")
-    write_json_atomic(root / MANIFEST, manifest)
-    return root
-
-
-def latent_stats(moments: np.ndarray, accum: dict | None = None) -> dict:
-    """Per-channel mean and std of the unscaled posterior latent ``z = mean + std * n`` over a moments array.
-
-    Exact, not sampled: ``E[z] = E[mean]`` and ``Var[z] = E[mean^2] + E[std^2] - E[z]^2`` (float64 sums).
-    """
-    acc = accum if accum is not None else latent_stats_accumulator()
-    update_latent_stats(acc, moments)
-    return finish_latent_stats(acc)
-
-
-def latent_stats_accumulator() -> dict:
-    """Empty float64 sums for :func:`update_latent_stats`."""
-    return {"n": 0, "s1": None, "s2": None}
-
-
-def update_latent_stats(acc: dict, moments: np.ndarray) -> None:
-    """Add a ``(B, 2C, h, w)`` moments chunk to the sums."""
-    if len(moments) == 0:
-        return
-    c = moments.shape[1] // 2
-    m = np.asarray(moments, dtype=np.float64)
-    mean, std = m[:, :c], m[:, c:]
-    s1 = mean.sum(axis=(0, 2, 3))
-    s2 = (mean * mean + std * std).sum(axis=(0, 2, 3))
-    acc["s1"] = s1 if acc["s1"] is None else acc["s1"] + s1
-    acc["s2"] = s2 if acc["s2"] is None else acc["s2"] + s2
-    acc["n"] += mean.shape[0] * mean.shape[2] * mean.shape[3]
-
-
-def finish_latent_stats(acc: dict) -> dict:
-    """``{"mean": [C], "std": [C], "of": ...}`` from the sums."""
-    if not acc["n"]:
-        return {"mean": [], "std": [], "of": "z = mean + std * n, before scaling"}
-    mu = acc["s1"] / acc["n"]
-    var = np.maximum(acc["s2"] / acc["n"] - mu * mu, 0.0)
-    return {"mean": mu.tolist(), "std": np.sqrt(var).tolist(), "of": "z = mean + std * n, before scaling"}
+    moments = np.asarray(moments)
+    writer = StoreWriter(root, layout, len(moments), moments.shape[1:], moments.dtype)
+    writer.add(moments, np.asarray(labels, dtype=np.int64))
+    writer.finish(num_classes, scale)
+    return writer.root

@@ -1,4 +1,4 @@
-"""The latent store format: bad input, each case naming the file; the seed's layout."""
+"""The latent store format: writing (in one piece or chunk by chunk), and bad input, each case naming the file."""
 
 from __future__ import annotations
 
@@ -9,12 +9,46 @@ import pytest
 from data_testing import decode_indices, index_coded_moments
 
 from dfm.data import build_latent_loader
-from dfm.data.store import StoreError, validate_store, write_store
+from dfm.data.store import StoreError, StoreWriter, open_store, validate_store, write_store
 
 
 def take(loader, n_batches: int):
     it = iter(loader)
     return [next(it) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_writer_in_chunks_writes_the_store_write_store_writes(tmp_path, layout):
+    moments = index_coded_moments(7, std=0.5)
+    labels = np.arange(7) % 3
+    whole = open_store(write_store(tmp_path / "whole", moments, labels, 3, layout=layout))
+    writer = StoreWriter(tmp_path / "chunked", layout, 7, moments.shape[1:], moments.dtype)
+    for lo, hi in ((0, 3), (3, 3), (3, 7)):  # an empty chunk too (a part whose images were all skipped)
+        writer.add(moments[lo:hi], labels[lo:hi])
+    assert not (tmp_path / "chunked" / "manifest.json").exists()  # no manifest, no store: until finish
+    manifest = writer.finish(3, source="here")
+    chunked = validate_store(tmp_path / "chunked", deep=True)
+    assert manifest["source"] == "here" and manifest["count"] == 7 and chunked.layout == layout
+    np.testing.assert_array_equal(chunked.gather(np.arange(7)), whole.gather(np.arange(7)))
+    np.testing.assert_array_equal(chunked.labels, whole.labels)
+    assert chunked.stats == whole.stats  # sums of exactly representable values: equal to the bit
+    # Statistics of z = mean + std * n are exact: mean 10 * index (0..60), variance of the means + 0.5^2.
+    np.testing.assert_allclose(chunked.stats["mean"], [30.0] * 4, rtol=1e-12)
+    np.testing.assert_allclose(chunked.stats["std"], [np.sqrt(400.0 + 0.25)] * 4, rtol=1e-12)
+
+
+def test_writer_refuses_an_incomplete_or_mismatched_store(tmp_path):
+    writer = StoreWriter(tmp_path / "s", "packed", 6, (8, 4, 4), np.float32)
+    writer.add(index_coded_moments(4), np.zeros(4))
+    with pytest.raises(ValueError, match="cannot add 3 samples"):
+        writer.add(index_coded_moments(3), np.zeros(3))  # 7 > 6
+    with pytest.raises(ValueError, match="cannot add 2 samples of \\(8, 4, 5\\)"):
+        writer.add(np.zeros((2, 8, 4, 5), np.float32), np.zeros(2))
+    with pytest.raises(ValueError, match="4 of 6 samples written, the store is incomplete"):
+        writer.finish(3)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="layout must be 'packed' or 'files'"):
+        StoreWriter(tmp_path / "t", "lmdb", 6, (8, 4, 4), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
