@@ -6,7 +6,7 @@ with ``state_dict`` / ``load_state_dict`` to resume mid-epoch exactly, at any wo
 
 * :mod:`dfm.data.digits` -- the embedded digits, held in memory;
 * :mod:`dfm.data.store` -- the latent store format, read by :mod:`dfm.data.torch_loader` and :mod:`dfm.data.dali`;
-* :mod:`dfm.data.prepare` -- ``dfm prepare``: images to a latent store.
+* :mod:`dfm.data.convert` and :mod:`dfm.data.encode` -- ``dfm prepare``: images to a latent store.
 """
 
 from __future__ import annotations

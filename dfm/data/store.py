@@ -420,7 +420,7 @@ def write_store(
     """Write an in-memory ``(N, 2C, h, w)`` moments array and its labels as a store; return its folder.
 
     One :class:`StoreWriter` chunk, for tests and benchmarks; ``dfm prepare encode`` packs its chunks through the
-    same writer (:func:`dfm.data.prepare.finalize_store`), so both write the same format.
+    same writer (:func:`dfm.data.encode.finalize_store`), so both write the same format.
     """
     moments = np.asarray(moments)
     writer = StoreWriter(root, layout, len(moments), moments.shape[1:], moments.dtype)
