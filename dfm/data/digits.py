@@ -54,9 +54,19 @@ class InMemoryLoader(StreamReader):
     ):
         super().__init__(ShardedStream(len(x), rank, world_size, seed, micro_batch, accum_steps))
         self.x, self.y = x, y
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        # The stream's permutation becomes a tensor once per epoch; a micro-batch is then slices of it. Building
+        # the index tensor from host data in every step would be a host-to-device copy per step wherever the
+        # data sat on an accelerator, and is what dfm.host_sync counts as one.
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, torch.from_numpy(self.stream.epoch_permutation(epoch))
+        return self._perm
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for start in self.starts():
-            idx = torch.from_numpy(self.stream.indices(start, self.stream.micro_batch))
+            spans = self.stream.spans(start, self.stream.micro_batch)
+            idx = torch.cat([self._permutation(epoch)[lo:hi] for epoch, lo, hi in spans])
             self.k += 1  # counted before yielding: the state read after a step is already the next step's
             yield self.x[idx], self.y[idx]

@@ -53,15 +53,20 @@ class ShardedStream:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
         return self._perm
 
+    def spans(self, start: int, n: int) -> Iterator[tuple[int, int, int]]:
+        """Global positions ``[start, start + n)`` as ``(epoch, lo, hi)`` pieces, in order: positions ``lo:hi`` of
+        epoch ``epoch``'s permutation (more than one piece where the range straddles epochs)."""
+        end = start + n
+        while start < end:
+            epoch, pos = divmod(start, self.count)
+            hi = min(self.count, pos + end - start)
+            yield epoch, pos, hi
+            start += hi - pos
+
     def indices(self, start: int, n: int) -> np.ndarray:
         """Sample indices at global positions ``[start, start + n)``; may straddle epochs."""
-        out, filled = np.empty(n, dtype=np.int64), 0
-        while filled < n:
-            epoch, pos = divmod(start + filled, self.count)
-            take = min(n - filled, self.count - pos)
-            out[filled : filled + take] = self.epoch_permutation(epoch)[pos : pos + take]
-            filled += take
-        return out
+        pieces = [self.epoch_permutation(epoch)[lo:hi] for epoch, lo, hi in self.spans(start, n)]
+        return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
     def micro_start(self, offset: int, k: int) -> int:
         """Global position of this rank's ``k``-th micro-batch after ``offset``."""
