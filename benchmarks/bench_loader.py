@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfm.data import dali
-from dfm.data.latents import build_latent_loader, write_store
+from dfm.data import build_latent_loader, dali
+from dfm.data.store import write_store
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

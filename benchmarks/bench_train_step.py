@@ -97,7 +97,7 @@ def reference_step(model_name: str):
 
 def latent_store(root: Path) -> Path:
     """A small store of 32x32x4 moments, so that the run config is the one an ImageNet run uses."""
-    from dfm.data.latents import write_store
+    from dfm.data.store import write_store
 
     rng = np.random.default_rng(0)
     moments = np.concatenate([rng.standard_normal((64, 4, 32, 32)), np.full((64, 4, 32, 32), 0.1)], axis=1)

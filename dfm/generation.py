@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm.data.latents import LATENT_SCALE
+from dfm.data.store import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
 from dfm.files import atomic_open, atomic_path, write_text_atomic
 from dfm.precision import autocast, resolve_precision

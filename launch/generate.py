@@ -120,7 +120,7 @@ def load(args: argparse.Namespace, device: torch.device):
         raise ConfigError(f"--vae was given but the run models pixels (data.kind={cfg.data.kind})")
     vae = None
     if latent:
-        from dfm.data.prepare import load_vae
+        from dfm.vae import load_vae
 
         vae = load_vae(args.vae, device=device)
     return model.to(device), cfg, ckpt, vae

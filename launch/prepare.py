@@ -15,8 +15,10 @@ import argparse
 import json
 import sys
 
-from dfm.data import prepare
-from dfm.data.latents import validate_store
+from dfm.data.convert import TRANSFORMS, convert
+from dfm.data.encode import encode
+from dfm.data.store import validate_store
+from dfm.vae import DEFAULT_VAE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--source", required=True, help="image folder with class subfolders, or a zip of one")
     c.add_argument("--dest", required=True, help="output folder, or a path ending in .zip")
     c.add_argument("--resolution", default="256x256", help="WIDTHxHEIGHT (default 256x256)")
-    c.add_argument("--transform", default="center-crop-dhariwal", choices=prepare.TRANSFORMS)
+    c.add_argument("--transform", default="center-crop-dhariwal", choices=TRANSFORMS)
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     c.add_argument("--max-images", type=int, default=None, help="convert only the first N images")
 
     e = sub.add_parser("encode", help="converted images → SD-VAE moments in a packed latent store")
     e.add_argument("--source", required=True, help="output of `dfm prepare convert` (folder or zip)")
     e.add_argument("--dest", required=True, help="latent store folder (the seed calls it vae-sd)")
-    e.add_argument("--vae", default=prepare.DEFAULT_VAE, help="AutoencoderKL: local folder or hub name")
+    e.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL: local folder or hub name")
     e.add_argument("--vae-subfolder", default=None, help="subfolder of --vae holding the VAE (e.g. 'vae')")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--chunk-size", type=int, default=1024, help="images per resumable part")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dfm prepare``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "convert":
-        report = prepare.convert(
+        report = convert(
             args.source, args.dest, args.resolution, args.transform, workers=args.workers, max_images=args.max_images
         )
         print(
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ... and {len(report.skipped) - 20} more (listed under 'skipped' in dataset.json)")
         return 0
     if args.command == "encode":
-        manifest = prepare.encode(
+        manifest = encode(
             args.source,
             args.dest,
             vae=args.vae,

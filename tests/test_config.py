@@ -92,7 +92,7 @@ def test_latent_store_must_match_the_config(tmp_path):
     import numpy as np
 
     from dfm.data import check_store_matches
-    from dfm.data.latents import write_store
+    from dfm.data.store import write_store
 
     moments = np.concatenate([np.zeros((8, 4, 16, 16)), np.ones((8, 4, 16, 16))], axis=1).astype(np.float32)
     write_store(tmp_path / "store", moments, np.arange(8) % 10, num_classes=10)

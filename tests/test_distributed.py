@@ -13,6 +13,7 @@ also the worker script that ``torchrun`` runs (``python tests/test_distributed.p
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -78,14 +79,17 @@ def worker(case: str, out: Path) -> None:
 
 
 def record_draws(trainer, out: Path) -> None:
-    """Save which samples (by index) and which noise this rank gets over one epoch of the real loader."""
+    """Save which samples (by index, with their global stream positions) and which noise this rank gets over
+    the steps that cover one epoch of the real loader."""
     import copy
 
     loader = copy.copy(trainer.loader)
     loader.x = torch.arange(len(loader.x)).view(-1, 1, 1, 1)  # the same loader, yielding sample indices
+    stream = loader.stream
+    micro_batches = -(-stream.count // stream.global_batch) * trainer.accum_steps  # whole steps, epoch 0 covered
+    positions = [torch.arange(p, p + stream.micro_batch) for p in itertools.islice(loader.starts(), micro_batches)]
     data = iter(loader)
-    steps = loader.batches_per_epoch
-    indices = torch.cat([next(data)[0].flatten() for _ in range(steps * trainer.accum_steps)])
+    indices = torch.cat([next(data)[0].flatten() for _ in range(micro_batches)])
     x = torch.zeros(trainer.cfg.train.micro_batch_size, 1, 16, 16)
     from dfm import ops
 
@@ -95,7 +99,8 @@ def record_draws(trainer, out: Path) -> None:
             g = trainer.seed_draws(step, micro)
             draw = trainer.objective.draw(ops.band_placeholders(x, trainer.objective.stages), torch.zeros(4).long(), g)
             noise.append(torch.cat([e.flatten() for e in draw.eps]))
-    torch.save({"indices": indices, "noise": torch.stack(noise)}, out / f"draws_rank{trainer.rank}.pt")
+    record = {"indices": indices, "positions": torch.cat(positions), "noise": torch.stack(noise)}
+    torch.save(record, out / f"draws_rank{trainer.rank}.pt")
 
 
 # -- helpers of the test process ------------------------------------------------------------------------
@@ -196,10 +201,12 @@ def test_two_ranks_match_one_rank(two_ranks, reference, stage):
 
 def test_ranks_draw_different_samples_and_noise(two_ranks):
     draws = [torch.load(two_ranks / f"draws_rank{r}.pt") for r in range(2)]
-    a, b = (d["indices"] for d in draws)
-    assert len(set(a.tolist())) == len(a) and len(set(b.tolist())) == len(b)  # no repeats within a rank
-    assert not set(a.tolist()) & set(b.tolist())  # ... nor across ranks, within the epoch
-    assert len(a) + len(b) == 1797 // 8 * 8  # the epoch is covered up to the last partial global batch
+    positions = torch.cat([d["positions"] for d in draws])
+    assert sorted(positions.tolist()) == list(range(225 * 8))  # the ranks' slots tile 225 global batches of 8
+    a, b = (d["indices"][d["positions"] < 1797].tolist() for d in draws)  # epoch 0: the first 1797 positions
+    assert len(set(a)) == len(a) and len(set(b)) == len(b)  # no repeats within a rank
+    assert not set(a) & set(b)  # ... nor across ranks, within the epoch
+    assert len(a) + len(b) == 1797  # and the epoch is covered whole: nothing dropped
     eps = torch.cat([d["noise"] for d in draws])  # (2 ranks x 4 steps, numel): every pair of them differs
     distance = torch.cdist(eps, eps) + torch.eye(len(eps)) * 1e9  # independent N(0, I): ~sqrt(2 * numel)
     assert distance.min() > 0.5 * (2 * eps.shape[1]) ** 0.5
@@ -342,12 +349,14 @@ def test_loader_global_batches_do_not_depend_on_the_layout():
         batches = [sum((sum(streams[r][s], []) for r in range(world)), []) for s in range(steps)]
         return batches, state
 
-    one, _ = global_batches(1, g // m, 20)  # 8 global batches per epoch: crosses two epoch boundaries
+    one, _ = global_batches(1, g // m, 20)  # 8.6 global batches per epoch: crosses two epoch boundaries
     for world in (2, 3, 6):
         assert global_batches(world, g // m // world, 20)[0] == one  # same samples, same slot order
         first, state = global_batches(world, g // m // world, 7)  # resume at another world size
         assert first + global_batches(1, g // m, 13, state)[0] == one
-    assert all(len(set(b)) == g for b in one) and len(set(sum(one[:8], []))) == 8 * g  # disjoint in an epoch
+    flat = sum(one, [])  # the global stream: epochs of n, concatenated (a global batch may straddle two)
+    assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n : 2 * n]) == list(range(n))  # each epoch whole
+    assert flat[:n] != flat[n : 2 * n]  # and reshuffled
     seeds = {draw_seed(0, step, slot, 64) % 2**32 for step in range(2000) for slot in range(64)}
     assert len(seeds) == 2000 * 64  # every micro-batch of a run draws from its own seed
 

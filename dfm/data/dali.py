@@ -1,6 +1,6 @@
 """NVIDIA DALI loader over a latent store: external source → (GPU) → posterior draw → PyTorch iterator.
 
-The sample order comes from :class:`~dfm.data.latents.ShardedStream`, the same as the PyTorch loader's, and is
+The sample order comes from :class:`~dfm.data.stream.ShardedStream`, the same as the PyTorch loader's, and is
 fed through ``fn.external_source`` with ``batch_info``: iteration ``i`` of a pipeline built at the loader state
 ``(offset, k0)`` reads this rank's micro-batch ``k0 + i``. Positions are a pure function of the iteration
 number, so the batches DALI prefetched but the caller never took are simply produced again after a resume.
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm.data.latents import LatentStore, ShardedStream, _StreamState, batch_seed
+from dfm.data.store import LatentStore
+from dfm.data.stream import ShardedStream, StreamReader, batch_seed
 
-try:  # optional: selected by dfm.data.latents.use_dali
+try:  # optional: selected by dfm.data.use_dali
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError:  # pragma: no cover - exercised where DALI is not installed
@@ -49,8 +50,8 @@ def _dali_type(dtype: np.dtype):
     return {np.dtype(np.float16): types.FLOAT16, np.dtype(np.float32): types.FLOAT}[np.dtype(dtype)]
 
 
-class DaliLatentLoader(_StreamState):
-    """Endless DALI loader over a latent store, CPU operators or GPU operators depending on ``device``.
+class DaliLatentLoader(StreamReader):
+    """Endless DALI loader over a latent store, reading ``stream``; CPU or GPU operators depending on ``device``.
 
     ``num_workers > 0`` runs the external source in that many DALI Python worker processes (spawned, so safe
     after CUDA initialisation); ``num_threads`` is DALI's operator thread pool.
@@ -59,23 +60,19 @@ class DaliLatentLoader(_StreamState):
     def __init__(
         self,
         store: LatentStore,
-        micro_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
+        stream: ShardedStream,
         num_workers: int = 0,
         device: str | torch.device = "cpu",
-        accum_steps: int = 1,
         num_threads: int = 2,
         prefetch_queue_depth: int = 2,
     ):
         if pipeline_def is None:
             raise RuntimeError("DaliLatentLoader needs nvidia.dali (pip install nvidia-dali-cuda130)")
-        self.store, self.micro_batch = store, micro_batch
-        self.stream = ShardedStream(store.count, rank, world_size, seed, micro_batch, accum_steps)
-        self.device = torch.device(device)
+        super().__init__(stream)
+        if stream.count != store.count:
+            raise ValueError(f"a stream over {stream.count} samples cannot read the {store.count} of {store.root}")
+        self.store, self.device = store, torch.device(device)
         self.num_workers, self.num_threads, self.prefetch_queue_depth = num_workers, num_threads, prefetch_queue_depth
-        self.offset, self.k = 0, 0
 
     def _pipeline(self, offset: int, k0: int):
         on_gpu = self.device.type == "cuda"
@@ -87,7 +84,7 @@ class DaliLatentLoader(_StreamState):
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
 
         @pipeline_def(
-            batch_size=self.micro_batch,
+            batch_size=self.stream.micro_batch,
             num_threads=self.num_threads,
             device_id=device_id,
             seed=batch_seed(self.stream.seed, self.stream.micro_start(offset, k0)) % 2**31,

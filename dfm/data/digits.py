@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dfm.data.stream import ShardedStream, StreamReader
+
 
 def load_digits_tensor(resolution: int = 16) -> tuple[Tensor, Tensor]:
     """All digits as (1797, 1, R, R) float32 in [-1, 1] and labels (1797,) int64."""
@@ -26,21 +28,18 @@ def load_digits_tensor(resolution: int = 16) -> tuple[Tensor, Tensor]:
     return x.contiguous(), torch.from_numpy(digits.target.astype(np.int64))
 
 
-class InMemoryLoader:
-    """Endless batches over tensors held in memory; the ranks' micro-batches are slices of one global batch.
+class InMemoryLoader(StreamReader):
+    """Endless batches over tensors held in memory, in the order of the shared :class:`ShardedStream`.
 
-    Epoch ``e`` draws a permutation of the data set from ``seed + e`` and cuts it into global batches of
-    ``G = micro_batch * world_size * accum_steps`` items (a remainder of fewer than G items is dropped, so
-    every rank sees the same count). Micro-batch ``j`` of rank ``r`` in global batch ``b`` is the slice
-    ``slot = r * accum_steps + j`` of it: ``perm[b*G + slot*m : b*G + (slot+1)*m]``. Ranks therefore never
-    share a sample within an epoch, and the global batch of a step -- its composition and its order by
-    slot -- is the same for any split of ``G`` into ranks, accumulation steps and micro batch; with the same
-    micro batch ``m`` each slot holds the same samples too, so one rank accumulating two micro-batches sees
-    exactly what two ranks see in one step.
+    Epoch ``e`` visits one permutation of all ``len(x)`` items drawn from ``(seed, e)``; the epochs, concatenated,
+    are cut into global batches of ``G = micro_batch * world_size * accum_steps`` items, and micro-batch ``j`` of
+    rank ``r`` is slot ``r * accum_steps + j`` of each. Ranks therefore never share an item within an epoch,
+    every epoch is covered (a global batch may straddle two epochs), and the global batch of a step -- its
+    composition and its order by slot -- is the same for any split of ``G`` into ranks, accumulation steps and
+    micro batch: one rank accumulating two micro-batches sees exactly what two ranks see in one step.
 
-    ``state_dict`` (epoch, global batches done, micro-batches done in the current one) resumes exactly
-    mid-epoch; at a step boundary it is the same on every rank and for every layout, so a checkpoint taken
-    with one world size resumes the data stream at another.
+    ``state_dict`` (:class:`StreamReader`) resumes exactly mid-epoch; at a step boundary it is the same on every
+    rank and for every layout, so a checkpoint taken with one world size resumes the data stream at another.
     """
 
     def __init__(
@@ -53,43 +52,21 @@ class InMemoryLoader:
         seed: int = 0,
         accum_steps: int = 1,
     ):
-        if micro_batch < 1 or accum_steps < 1:
-            raise ValueError(f"micro batch and accumulation steps must be >= 1, got {micro_batch}, {accum_steps}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        super().__init__(ShardedStream(len(x), rank, world_size, seed, micro_batch, accum_steps))
         self.x, self.y = x, y
-        self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
-        self.accum_steps = accum_steps
-        self.global_batch = micro_batch * world_size * accum_steps
-        self.batches_per_epoch = len(x) // self.global_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"data set of {len(x)} items is smaller than one global batch of {self.global_batch} "
-                f"(micro batch {micro_batch} x {world_size} ranks x {accum_steps} accumulation steps)"
-            )
-        self.epoch, self.batch, self.micro = 0, 0, 0
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
 
     def _permutation(self, epoch: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.x), generator=g)
+        # The stream's permutation becomes a tensor once per epoch; a micro-batch is then slices of it. Building
+        # the index tensor from host data in every step would be a host-to-device copy per step wherever the
+        # data sat on an accelerator, and is what dfm.host_sync counts as one.
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, torch.from_numpy(self.stream.epoch_permutation(epoch))
+        return self._perm
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        m, perm, perm_epoch = self.micro_batch, None, None
-        while True:
-            if perm_epoch != self.epoch:
-                perm, perm_epoch = self._permutation(self.epoch), self.epoch
-            start = self.batch * self.global_batch + (self.rank * self.accum_steps + self.micro) * m
-            idx = perm[start : start + m]
-            # advance before yielding, so that the state read after a step is already the next step's
-            self.micro += 1
-            if self.micro == self.accum_steps:
-                self.batch, self.micro = self.batch + 1, 0
-                if self.batch == self.batches_per_epoch:
-                    self.epoch, self.batch = self.epoch + 1, 0
+        for start in self.starts():
+            spans = self.stream.spans(start, self.stream.micro_batch)
+            idx = torch.cat([self._permutation(epoch)[lo:hi] for epoch, lo, hi in spans])
+            self.k += 1  # counted before yielding: the state read after a step is already the next step's
             yield self.x[idx], self.y[idx]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch, self.micro = int(state["epoch"]), int(state["batch"]), int(state["micro"])

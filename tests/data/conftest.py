@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_testing import index_coded_moments, make_image_folder, make_tiny_vae
 
-from dfm.data.latents import write_store
+from dfm.data.store import write_store
 
 
 @pytest.fixture(scope="session")

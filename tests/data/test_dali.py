@@ -7,8 +7,8 @@ import pytest
 import torch
 from data_testing import INDEX_STEP, decode_indices
 
-from dfm.data import dali
-from dfm.data.latents import LATENT_SCALE, build_latent_loader, open_store, use_dali, write_store
+from dfm.data import build_latent_loader, dali, use_dali
+from dfm.data.store import LATENT_SCALE, open_store, write_store
 
 pytestmark = pytest.mark.skipif(dali.pipeline_def is None, reason="needs nvidia.dali")
 

@@ -3,6 +3,7 @@
 import torch
 
 from dfm.data.digits import InMemoryLoader, load_digits_tensor
+from dfm.data.stream import ShardedStream
 
 
 def test_digits_are_real_and_scaled():
@@ -45,3 +46,17 @@ def test_epochs_reshuffle_and_resume_exactly():
         next(it_f)
     resumed.load_state_dict(fresh.state_dict())
     assert torch.equal(next(iter(resumed))[1], next(it_f)[1])
+
+
+def test_every_item_of_an_uneven_epoch_is_seen_in_the_shared_stream_order():
+    # 103 items in global batches of 8: nothing is dropped, the 13th global batch straddles two epochs.
+    x = torch.arange(103.0).view(103, 1, 1, 1)
+    y = torch.arange(103)
+    ranks = [InMemoryLoader(x, y, micro_batch=4, rank=r, world_size=2, seed=5) for r in range(2)]
+    per_rank = [_epoch_indices(loader, 13) for loader in ranks]
+    by_step = torch.stack([b.view(13, 4) for b in per_rank], 1).flatten()  # global order: step, then rank slot
+    assert sorted(by_step[:103].tolist()) == list(range(103))  # the whole epoch, each item once
+    stream = ShardedStream(103, 0, 2, 5, 4)
+    assert by_step.tolist() == stream.indices(0, 104).tolist()  # the latent loaders' order, item for item
+    assert [loader.state_dict()["samples_seen"] for loader in ranks] == [104, 104]
+    assert ranks[0].state_dict() == ranks[1].state_dict()  # at a step boundary: the same on every rank

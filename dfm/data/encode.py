@@ -1,0 +1,309 @@
+"""``dfm prepare encode``: converted images → SD-VAE encoder moments in a latent store.
+
+``encode`` runs diffusers' ``AutoencoderKL`` over the images ``dfm prepare convert`` wrote (:mod:`dfm.data.convert`)
+and stores the encoder moments ``concat([mean, std])`` per image (the seed's ``img-mean-std`` convention). Images
+are split into chunks; rank ``r`` of ``W`` encodes chunks ``c ≡ r (mod W)`` and writes each finished chunk
+atomically under ``parts/``, which makes the run resumable and lets ranks run on different GPUs or machines. Once
+every chunk exists, the parts are packed into one memory-mappable ``moments.npy`` (or the per-image layout) with
+``labels.npy``, per-channel latent statistics and ``manifest.json``, written last
+(:class:`~dfm.data.store.StoreWriter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dfm.data.convert import ImageSource
+from dfm.data.store import FILES_INDEX, LATENT_SCALE, MANIFEST, StoreWriter
+from dfm.files import atomic_open, write_json_atomic
+from dfm.vae import DEFAULT_VAE, load_vae, vae_scale
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``(B, 3, H, W)`` → encoder moments ``concat([mean, std])`` ``(B, 2C, H/f, W/f)`` float32."""
+    x = images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1
+    dist = vae.encode(x).latent_dist
+    return torch.cat([dist.mean, dist.std], dim=1).float()
+
+
+class _Images(torch.utils.data.Dataset):
+    """Converted images by index: ``(uint8 (3, H, W) or None, index, error)``."""
+
+    def __init__(self, source: ImageSource, names: list[str]):
+        self.source, self.names = source, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            with self.source.open(self.names[i]) as f:
+                arr = np.asarray(Image.open(f).convert("RGB"))
+        except Exception as e:
+            return None, i, f"{type(e).__name__}: {e}"
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i, None
+
+
+def _collate(batch: list) -> list:
+    return batch
+
+
+def _part_path(dest: Path, chunk: int) -> Path:
+    return dest / "parts" / f"chunk-{chunk:06d}.npz"
+
+
+def _plan_path(dest: Path) -> Path:
+    return dest / "parts" / "plan.json"
+
+
+def _read_plan(dest: Path) -> dict:
+    path = _plan_path(dest)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: nothing was encoded into {dest}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _encode_plan(source: str | Path, dest: Path, chunk_size: int) -> dict:
+    """Image list and chunking, kept in ``parts/plan.json`` so a resumed or multi-rank run agrees on it."""
+    src = ImageSource(source)
+    names = set(src.names())
+    if FILES_INDEX not in names:
+        raise FileNotFoundError(f"{src.path} has no {FILES_INDEX}: run `dfm prepare convert` on the raw images first")
+    with src.open(FILES_INDEX) as f:
+        index = json.load(f)
+    entries = index.get("labels") or []
+    missing = [n for n, _ in entries if n not in names]
+    if missing:
+        raise FileNotFoundError(f"{src.path}: {len(missing)} images listed in {FILES_INDEX} are missing: {missing[0]}")
+    labels = [int(y) if y is not None else 0 for _, y in entries]
+    plan = {
+        "source": str(src.path),
+        "names": [n for n, _ in entries],
+        "labels": labels,
+        "num_classes": len(index.get("classes") or []) or (max(labels, default=-1) + 1),
+        "chunk_size": chunk_size,
+        "num_chunks": math.ceil(len(entries) / chunk_size),
+    }
+    path = _plan_path(dest)
+    if path.exists():
+        old = _read_plan(dest)
+        if {k: old.get(k) for k in ("names", "labels", "chunk_size")} != {
+            k: plan[k] for k in ("names", "labels", "chunk_size")
+        }:
+            raise ValueError(
+                f"{path} records another image list or chunk size: use a fresh --dest or delete {path.parent}"
+            )
+        return old
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, plan)
+    return plan
+
+
+def pick_device(device: str, rank: int) -> torch.device:
+    """``"auto"`` → this rank's local GPU if CUDA exists, else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def encode_shard(
+    source: str | Path,
+    dest: str | Path,
+    vae: str = DEFAULT_VAE,
+    vae_subfolder: str | None = None,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    dtype: str = "float32",
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "auto",
+    workers: int = 2,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> list[tuple[str, str]]:
+    """Encode this rank's chunks that are not on disk yet; return the (image, reason) pairs skipped."""
+    dest = Path(dest)
+    plan = _encode_plan(source, dest, chunk_size)
+    names, k = plan["names"], plan["chunk_size"]
+    mine = [c for c in range(rank, plan["num_chunks"], world_size) if not _part_path(dest, c).exists()]
+    if not mine:
+        return []
+    dev = pick_device(device, rank)
+    model = load_vae(vae, vae_subfolder, dev)
+    out_dtype = np.dtype(dtype)
+    # Batches never straddle a chunk, so each chunk is finished (and saved) as soon as its last batch is done.
+    batches = [
+        list(range(s, min(s + batch_size, (c + 1) * k, len(names))))
+        for c in mine
+        for s in range(c * k, min((c + 1) * k, len(names)), batch_size)
+    ]
+    images = torch.utils.data.DataLoader(
+        _Images(ImageSource(source), names),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+    )
+    bar = tqdm(
+        total=sum(len(b) for b in batches), desc=f"encode rank {rank}", unit="img", position=rank, disable=not progress
+    )
+    skipped: list[tuple[str, str]] = []
+    part_moments: list[np.ndarray] = []
+    part_index: list[np.ndarray] = []
+    part_skipped: list[tuple[str, str]] = []
+    shape = None  # (3, H, W) of the first image: every image must match it
+    for batch in images:
+        good_x, good_i = [], []
+        for x, i, err in batch:
+            if err is None and shape is not None and tuple(x.shape) != shape:
+                err = f"image size {tuple(x.shape)} differs from {shape} of the first image"
+            if err is None:
+                shape = shape or tuple(x.shape)
+                good_x.append(x)
+                good_i.append(i)
+            elif skip_bad:
+                part_skipped.append((names[i], err))
+            else:
+                raise ValueError(f"cannot encode {Path(source) / names[i]}: {err} (pass --skip-bad to skip it)")
+        if good_x:
+            moments = encode_moments(model, torch.stack(good_x))
+            part_moments.append(moments.cpu().numpy().astype(out_dtype))
+            part_index.append(np.array(good_i, dtype=np.int64))
+        bar.update(len(batch))
+        last = batch[-1][1]
+        if (last + 1) % k == 0 or last + 1 == len(names):  # the chunk's last batch: save it
+            _save_part(dest, last // k, part_moments, part_index, part_skipped)
+            skipped += part_skipped
+            part_moments, part_index, part_skipped = [], [], []
+    bar.close()
+    return skipped
+
+
+def _save_part(dest: Path, chunk: int, moments: list[np.ndarray], index: list[np.ndarray], skipped: list) -> None:
+    m = np.concatenate(moments) if moments else np.zeros((0,), np.float32)
+    idx = np.concatenate(index) if index else np.zeros((0,), np.int64)
+    with atomic_open(_part_path(dest, chunk), "wb") as f:  # atomic: a present part is a complete part
+        np.savez(f, moments=m, index=idx, skipped=np.array(json.dumps(skipped)))
+
+
+def missing_parts(dest: str | Path) -> list[int]:
+    """Chunks not encoded yet; a ``FileNotFoundError`` if nothing was planned in ``dest``."""
+    dest = Path(dest)
+    return [c for c in range(_read_plan(dest)["num_chunks"]) if not _part_path(dest, c).exists()]
+
+
+def finalize_store(
+    dest: str | Path,
+    layout: str = "packed",
+    scale: float = LATENT_SCALE,
+    keep_parts: bool = False,
+    vae: str | None = None,
+) -> dict:
+    """Pack the encoded chunks into a latent store (``packed`` or ``files`` layout) with statistics; return the
+    manifest. The manifest is written last: a store with a manifest is complete."""
+    dest = Path(dest)
+    missing = missing_parts(dest)
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} chunks of {dest} are not encoded yet (first: {_part_path(dest, missing[0])})"
+        )
+    plan = _read_plan(dest)
+    labels = np.array(plan["labels"], dtype=np.int64)
+    parts = [_part_path(dest, c) for c in range(plan["num_chunks"])]
+    count, shape, dtype, skipped = 0, None, None, []
+    for p in parts:  # first pass: sizes only (npz members load lazily)
+        with np.load(p) as z:
+            idx = z["index"]
+            count += len(idx)
+            skipped += json.loads(str(z["skipped"]))
+            if len(idx) and shape is None:
+                shape, dtype = z["moments"].shape[1:], z["moments"].dtype
+    if count == 0:
+        raise RuntimeError(f"every image of {plan['source']} was skipped: nothing to store in {dest}")
+    writer = StoreWriter(dest, layout, count, shape, dtype)
+    for p in tqdm(parts, desc="pack", unit="chunk", disable=len(parts) < 8):
+        with np.load(p) as z:
+            m, idx = z["moments"], z["index"]
+        if len(idx):
+            writer.add(m, labels[idx])
+    manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], vae=vae, skipped=skipped)
+    if not keep_parts:
+        shutil.rmtree(dest / "parts")
+    return manifest
+
+
+def _encode_process(kwargs: dict) -> None:
+    encode_shard(**kwargs)
+
+
+def encode(
+    source: str | Path,
+    dest: str | Path,
+    vae: str = DEFAULT_VAE,
+    procs: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    layout: str = "packed",
+    keep_parts: bool = False,
+    wait_timeout: float = 24 * 3600.0,
+    **shard_kwargs,
+) -> dict | None:
+    """Encode ``source`` into a latent store at ``dest``; returns the manifest, or ``None`` on ranks other than 0.
+
+    ``procs > 1`` spawns that many local processes (one per GPU when CUDA exists). Under an external launcher
+    (``torchrun``: ``RANK``/``WORLD_SIZE`` set, or ``rank``/``world_size`` given) each rank encodes its chunks and
+    rank 0 waits for all of them, then packs. A store that already has a manifest is left as it is.
+    """
+    dest = Path(dest)
+    if (dest / MANIFEST).exists():
+        with open(dest / MANIFEST) as f:
+            return json.load(f)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if procs > 1 and world_size > 1:
+        raise ValueError("use either procs > 1 (local processes) or an external launcher's ranks, not both")
+    dest.mkdir(parents=True, exist_ok=True)
+    scale = vae_scale(vae, shard_kwargs.get("vae_subfolder"))
+    if procs > 1:
+        _encode_plan(source, dest, shard_kwargs.get("chunk_size", 1024))  # written once, before the ranks race
+        ctx = mp.get_context("spawn")
+        children = [
+            ctx.Process(
+                target=_encode_process,
+                args=({**shard_kwargs, "source": source, "dest": dest, "vae": vae, "rank": r, "world_size": procs},),
+            )
+            for r in range(procs)
+        ]
+        for p in children:
+            p.start()
+        for p in children:
+            p.join()
+        failed = [r for r, p in enumerate(children) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"encode processes {failed} failed; run the same command again to resume")
+    else:
+        encode_shard(source, dest, vae=vae, rank=rank, world_size=world_size, **shard_kwargs)
+        if rank != 0:
+            return None
+        deadline = time.monotonic() + wait_timeout
+        while missing_parts(dest):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"other ranks did not finish {dest} in time; run the command again to pack it")
+            time.sleep(5.0)
+    return finalize_store(dest, layout=layout, scale=scale, keep_parts=keep_parts, vae=vae)

@@ -1,0 +1,101 @@
+"""encode: VAE moments, labels and statistics in a store; ranks, resumption, float16, bad images."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from data_testing import PER_CLASS
+from PIL import Image
+
+from dfm.data import encode
+from dfm.data.store import open_store, validate_store
+from dfm.vae import load_vae
+
+
+def test_encode_stores_vae_moments_labels_and_stats(prepared, tiny_vae):
+    store = validate_store(prepared, deep=True)  # the parent directory resolves to vae-sd/, as in the seed
+    assert store.root == prepared / "vae-sd" and store.layout == "packed"
+    assert (store.count, store.shape, store.num_classes) == (15, (8, 16, 16), 3)
+    assert store.dtype == np.float32 and store.scale == pytest.approx(0.18215)
+    np.testing.assert_array_equal(store.labels, np.repeat(np.arange(3), PER_CLASS))
+    assert not (prepared / "vae-sd" / "parts").exists()  # packed, then the parts were removed
+
+    # Moments equal the VAE run directly on the converted images.
+    vae = load_vae(str(tiny_vae))
+    with zipfile.ZipFile(prepared / "images.zip") as z:
+        names = [n for n, _ in json.loads(z.read("dataset.json"))["labels"]]
+        images = torch.stack([torch.from_numpy(np.array(Image.open(z.open(n)))).permute(2, 0, 1) for n in names])
+    with torch.no_grad():
+        dist = vae.encode(images.float() / 127.5 - 1).latent_dist
+    np.testing.assert_allclose(store.moments[:, :4], dist.mean.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(store.moments[:, 4:], dist.std.numpy(), rtol=0, atol=1e-5)
+
+    # Statistics of z = mean + std * n are exact functions of the moments.
+    m = np.asarray(store.moments, dtype=np.float64)
+    mu = m[:, :4].mean(axis=(0, 2, 3))
+    var = (m[:, :4] ** 2 + m[:, 4:] ** 2).mean(axis=(0, 2, 3)) - mu**2
+    np.testing.assert_allclose(store.stats["mean"], mu, rtol=1e-10)
+    np.testing.assert_allclose(store.stats["std"], np.sqrt(var), rtol=1e-10)
+
+
+def test_encode_by_rank_resumes_and_matches_one_process(tmp_path, prepared, tiny_vae):
+    src = prepared / "images.zip"
+    common = dict(vae=str(tiny_vae), batch_size=3, chunk_size=4, device="cpu", workers=0, progress=False)
+    # Rank 0 of 2 alone: even chunks only; the store cannot be packed yet.
+    encode.encode_shard(src, tmp_path / "sharded", rank=0, world_size=2, **common)
+    assert encode.missing_parts(tmp_path / "sharded") == [1, 3]
+    parts = sorted(p.name for p in (tmp_path / "sharded" / "parts").iterdir())
+    assert parts == ["chunk-000000.npz", "chunk-000002.npz", "plan.json"]  # written whole, no temporaries left
+    with pytest.raises(RuntimeError, match="not encoded yet"):
+        encode.finalize_store(tmp_path / "sharded")
+    # Rank 1 encodes its chunks and leaves packing to rank 0, which finds every chunk done and packs (files
+    # layout); running again on a finished store returns its manifest untouched.
+    assert encode.encode(src, tmp_path / "sharded", rank=1, world_size=2, **common) is None
+    assert encode.missing_parts(tmp_path / "sharded") == []
+    assert encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, layout="files", **common)["count"] == 15
+    assert encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, **common)["layout"] == "files"
+    sharded = validate_store(tmp_path / "sharded", deep=True)
+    whole = open_store(prepared)
+    assert sharded.layout == "files" and sharded.count == whole.count
+    np.testing.assert_array_equal(sharded.labels, whole.labels)
+    np.testing.assert_allclose(sharded.gather(np.arange(whole.count)), whole.moments, rtol=0, atol=1e-5)
+
+
+def test_encode_float16_with_two_processes(tmp_path, prepared, tiny_vae):
+    manifest = encode.encode(
+        prepared / "images.zip", tmp_path / "f16", vae=str(tiny_vae), procs=2, dtype="float16", batch_size=8,
+        chunk_size=4, device="cpu", workers=0, progress=False,
+    )  # fmt: skip
+    assert manifest["dtype"] == "float16" and manifest["count"] == 15
+    f16, f32 = open_store(tmp_path / "f16"), open_store(prepared)
+    np.testing.assert_allclose(f16.moments, f32.moments, rtol=2e-3, atol=2e-3)  # fp16 rounding only
+
+
+def _broken_converted_folder(tmp_path, prepared):
+    folder = tmp_path / "converted"
+    with zipfile.ZipFile(prepared / "images.zip") as z:
+        z.extractall(folder)
+    names = [n for n, _ in json.loads((folder / "dataset.json").read_text())["labels"]]
+    (folder / names[5]).write_bytes(b"\x89PNG broken")
+    return folder, names[5]
+
+
+def test_encode_bad_image_is_named_or_skipped_and_counted(tmp_path, prepared, tiny_vae):
+    folder, bad = _broken_converted_folder(tmp_path, prepared)
+    common = dict(vae=str(tiny_vae), batch_size=4, chunk_size=8, device="cpu", workers=0, progress=False)
+    with pytest.raises(ValueError, match=rf"cannot encode .*{bad}.*--skip-bad"):
+        encode.encode(folder, tmp_path / "strict", **common)
+    manifest = encode.encode(folder, tmp_path / "lenient", skip_bad=True, **common)
+    assert manifest["count"] == 14 and [s[0] for s in manifest["skipped"]] == [bad]
+    store = validate_store(tmp_path / "lenient")
+    np.testing.assert_array_equal(store.moments, np.delete(open_store(prepared).moments, 5, axis=0))
+    np.testing.assert_array_equal(store.labels, np.delete(open_store(prepared).labels, 5))
+
+
+def test_encode_needs_converted_images(tmp_path, image_folder, tiny_vae):
+    with pytest.raises(FileNotFoundError, match="dfm prepare convert"):
+        encode.encode(image_folder, tmp_path / "x", vae=str(tiny_vae), device="cpu", workers=0, progress=False)
