@@ -329,7 +329,7 @@ def test_load_pretrained_reads_every_source_alike(tmp_path):
 def test_finetune_from_an_imported_directory(tmp_path):
     from dfm.launch import train
 
-    from dfm.data.latents import write_store
+    from dfm.data.store import write_store
 
     ours = tiny_model(2)
     src = save_training_ckpt(tmp_path / "c.pt", their_state(ours, "dfm"), their_state(ours, "dfm"), dfm_args())
