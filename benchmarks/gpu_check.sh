@@ -56,7 +56,7 @@ step attention_bench 30 "$PY" -m pytest "${BENCH[@]}" --benchmark-json="$OUT/att
 step train_step_bench 100 env DFM_BENCH_ROUNDS=5 "$PY" -m pytest "${BENCH[@]}" --benchmark-json="$OUT/train_step.json" \
   benchmarks/bench_train_step.py -k "not compile"
 step sampler_bench 50 env DFM_BENCH_ROUNDS=3 "$PY" -m pytest "${BENCH[@]}" --benchmark-json="$OUT/sampler.json" \
-  benchmarks/bench_sampler.py
+  benchmarks/bench_sampling.py
 step loader_bench 30 "$PY" -m pytest "${BENCH[@]}" --benchmark-json="$OUT/loader.json" benchmarks/bench_loader.py
 step render 10 "$PY" benchmarks/render.py "$OUT"/*.json --md "$OUT/benchmarks.md"
 

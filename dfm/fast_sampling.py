@@ -41,7 +41,7 @@ def sampler_mode(device: torch.device | str, requested: str = "auto") -> str:
     ``auto`` is ``cudagraph`` on CUDA (a replay per step removes the per-kernel launch overhead that
     dominates small batches) and ``eager`` elsewhere: on a 2-core AVX2 CPU the compiled DFM-SiT-S/2 step
     (32x32x4, batch 1-4) runs 1.2-1.4x faster than eager but takes over two minutes to compile cold
-    (``benchmarks/bench_sampler.py``), which only long sampling runs win back; force ``compile`` for
+    (``benchmarks/bench_sampling.py``), which only long sampling runs win back; force ``compile`` for
     those. A forced mode that cannot run raises.
     """
     if requested not in SAMPLER_MODES:

@@ -207,6 +207,44 @@ def shard_path(parts: Path, start: int, stop: int) -> Path:
     return Path(parts) / f"{start:08d}-{stop:08d}.npz"
 
 
+def shard_problem(path: Path) -> str | None:
+    """Why the shard at ``path`` cannot be merged (unreadable, or its arrays do not hold its index range), or
+    None. Reads the archive's directory and array headers, not the images."""
+    m = _SHARD.match(path.name)
+    count = int(m.group(2)) - int(m.group(1))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            shapes = {}
+            for name in ("images.npy", "labels.npy"):
+                with zf.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(f)
+                shapes[name] = (shape, dtype)
+                if zf.getinfo(name).file_size < int(np.prod(shape)) * dtype.itemsize:
+                    return f"{name} is shorter than its header says"
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as err:
+        return f"unreadable: {' '.join(str(err).split())}"
+    images, labels = shapes["images.npy"], shapes["labels.npy"]
+    if images[0][:1] != (count,) or labels[0] != (count,) or images[1] != np.uint8:
+        return f"holds {images[0]} {images[1]} images and {labels[0]} labels for {count} indices"
+    return None
+
+
+def discard_bad_shards(parts: str | Path) -> list[tuple[Path, str]]:
+    """Set aside (as ``.bad-<name>``) every shard of ``parts`` that cannot be merged, so it is sampled again;
+    returns what was set aside and why."""
+    parts = Path(parts)
+    bad = []
+    for path in sorted(parts.glob("*.npz")) if parts.is_dir() else []:
+        if _SHARD.match(path.name) and (why := shard_problem(path)) is not None:
+            path.replace(path.with_name(f".bad-{path.name}"))
+            bad.append((path, why))
+    return bad
+
+
 def scan_shards(parts: str | Path) -> list[tuple[int, int]]:
     """Sorted ``(start, stop)`` ranges of the finished shards in ``parts``; overlapping shards are an error."""
     parts = Path(parts)
@@ -380,6 +418,7 @@ __all__ = [
     "check_manifest",
     "clean_temporaries",
     "count_done",
+    "discard_bad_shards",
     "draw_indices",
     "index_seed",
     "merge_shards",

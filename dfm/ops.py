@@ -83,8 +83,8 @@ def _kernel_module(name: str) -> ModuleType | None:
     return _modules.get(name)
 
 
-def _why_not(module: str, tensors: list[Tensor]) -> str | None:
-    """Reason the kernels of ``module`` cannot take these tensors, or ``None`` when they can."""
+def _tensors_unfit(tensors: list[Tensor]) -> str | None:
+    """Why these tensors are no input for any kernel, or None."""
     x = tensors[0]
     if any(t.device != x.device for t in tensors):
         return "tensors on several devices"
@@ -96,20 +96,33 @@ def _why_not(module: str, tensors: list[Tensor]) -> str | None:
         return "inputs require grad (the kernels have no backward)"
     if any(t.numel() > MAX_NUMEL for t in tensors):
         return "more than 2^31 elements"
-    if x.device.type == "cpu":
+    return None
+
+
+def _device_unfit(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` in this process (before importing them), or None."""
+    if device.type == "cpu":
         if triton_mode() != "on":
             return "CPU tensors (Triton runs on CPU only in its interpreter, when forced)"
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return "CPU tensors need TRITON_INTERPRET=1"
-    elif x.device.type != "cuda":
-        return f"device {x.device.type}"
-    kernels = _kernel_module(module)
-    if kernels is None:
+    elif device.type != "cuda":
+        return f"device {device.type}"
+    return None
+
+
+def _why_not(module: str, tensors: list[Tensor]) -> str | None:
+    """Reason the kernels of ``module`` cannot take these tensors, or ``None`` when they can."""
+    device = tensors[0].device
+    reason = _tensors_unfit(tensors) or _device_unfit(device)
+    if reason is not None:
+        return reason
+    if _kernel_module(module) is None:
         return f"Triton does not import ({_import_error[0]})"
     interpreted = importlib.import_module("dfm.kernels.common").INTERPRETED
-    if x.device.type == "cpu" and not interpreted:
+    if device.type == "cpu" and not interpreted:
         return "the kernels were imported before TRITON_INTERPRET=1 was set"
-    if x.device.type == "cuda" and interpreted:
+    if device.type == "cuda" and interpreted:
         return "TRITON_INTERPRET=1 was set when the kernels were imported (they would run interpreted)"
     return None
 

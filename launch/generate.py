@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dfm import generation
 from dfm.config import ConfigError, SampleConfig
+from dfm.files import FolderLock, LockedError
 from dfm.precision import PRECISIONS, resolve_precision
 
 SAMPLE_KEYS = set(SampleConfig.__dataclass_fields__)
@@ -145,6 +146,67 @@ def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str)
     }
 
 
+def _open_parts(args, cfg, ckpt: Path, precision: str, rank: int) -> FolderLock | None:
+    """Rank 0 locks ``<out>.parts`` for the job and checks its settings; every rank stops on its error."""
+    parts = generation.parts_dir(Path(args.out))
+    lock, error = None, None
+    if rank == 0:
+        try:
+            generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
+            lock = FolderLock(parts, "dfm generate").acquire()
+            generation.clean_temporaries(parts)
+            for bad, why in generation.discard_bad_shards(parts):
+                print(f"dfm generate: redoing {bad.name} ({why})")
+        except (generation.ManifestMismatch, ValueError, LockedError) as err:
+            error = str(err)
+    error = _broadcast_error(error)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(error)
+    return lock
+
+
+def _my_pieces(args, parts: Path, rank: int, world_size: int) -> tuple[list, int, int]:
+    """(this rank's pieces, indices already done, pieces left in all); every rank computes the same plan."""
+    done = generation.scan_shards(parts)
+    pieces = generation.plan_pieces(generation.missing_ranges(done, args.num_samples), args.batch_size)
+    _barrier()  # every rank has listed the shards before any rank writes one: all hold the same plan
+    mine = generation.rank_pieces(pieces, rank, world_size)
+    if args.max_batches is not None:
+        mine = mine[: args.max_batches]
+    return mine, sum(b - a for a, b in done if a < args.num_samples), len(pieces)
+
+
+def _sample_pieces(sampler, mine: list, parts: Path, rank: int, bar, pad_to: int) -> None:
+    shown = bar.n
+    for start, stop in mine:
+        images, labels = sampler.images(range(start, stop), pad_to=pad_to)
+        generation.write_shard(parts, start, images, labels)
+        if rank == 0:  # rank 0's bar counts every rank's shards on disk: its rate is the whole job's images/s
+            now = generation.count_done(parts)
+            bar.update(now - shown)
+            shown = now
+
+
+def _merge(args, parts: Path, out: Path, done_before: int, elapsed: float, bar) -> Path | None:
+    """Rank 0, after every rank's pieces: report, and merge the shards once all indices are there."""
+    complete = generation.count_done(parts)
+    bar.update(complete - bar.n)
+    bar.close()
+    made = complete - done_before
+    if made:
+        print(f"dfm generate: {made} images in {elapsed:.1f} s ({made / max(elapsed, 1e-9):.2f} img/s)")
+    if complete < args.num_samples:
+        print(f"dfm generate: {complete}/{args.num_samples} done in {parts}; run the same command to continue")
+        return None
+    generation.merge_shards(parts, out, args.num_samples)
+    if not args.keep_parts:
+        shutil.rmtree(parts)
+    print(f"dfm generate: wrote {out} ({args.num_samples} images)")
+    return out
+
+
 def generate(args: argparse.Namespace) -> Path | None:
     """Run ``dfm generate`` on this rank; returns the merged ``.npz`` (rank 0, once complete) or None."""
     from dfm.launch.engine import setup_distributed
@@ -159,67 +221,33 @@ def generate(args: argparse.Namespace) -> Path | None:
         return out
     precision = resolve_precision(args.precision, device)
     model, cfg, ckpt, vae = load(args, device)
-
-    error = None
-    if rank == 0:
-        try:
-            generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
-            generation.clean_temporaries(parts)
-        except (generation.ManifestMismatch, ValueError) as err:
-            error = str(err)
-    error = _broadcast_error(error)
-    if error:
-        raise ConfigError(error)
-    done = generation.scan_shards(parts)
-    pieces = generation.plan_pieces(generation.missing_ranges(done, args.num_samples), args.batch_size)
-    _barrier()  # every rank has listed the shards before any rank writes one: all hold the same plan
-    mine = generation.rank_pieces(pieces, rank, world_size)
-    if args.max_batches is not None:
-        mine = mine[: args.max_batches]
-
-    sampler = generation.IndexSampler(
-        model, cfg, seed=args.seed, labels=args.labels, vae=vae, sampler_mode=args.sampler,
-        precision=precision, decode_batch_size=args.decode_batch_size,
-    )  # fmt: skip
-    done_before = sum(b - a for a, b in done if a < args.num_samples)
-    todo = args.num_samples - done_before
-    if rank == 0:
-        print(
-            f"dfm generate: {args.num_samples} samples of {cfg.model} ({cfg.sample.mode}, "
-            f"NFE {sum(cfg.steps_per_stage()) if cfg.sample.mode == 'ode' else cfg.sample.num_steps}, "
-            f"cfg {cfg.sample.cfg_scale}) on {world_size} rank(s), {device.type}, {precision}: "
-            f"{done_before} exist, {todo} to go in {len(pieces)} batches of <= {args.batch_size}"
-        )
-    # Rank 0's bar counts every rank's shards on disk, so its rate is the whole job's images/s.
-    bar = tqdm(
-        total=args.num_samples, initial=done_before, unit="img", dynamic_ncols=True, disable=rank != 0 or not todo
-    )
-    tic, shown = time.perf_counter(), done_before
-    for start, stop in mine:
-        images, labels = sampler.images(range(start, stop), pad_to=args.batch_size)
-        generation.write_shard(parts, start, images, labels)
+    lock = _open_parts(args, cfg, ckpt, precision, rank)
+    try:
+        mine, done_before, left = _my_pieces(args, parts, rank, world_size)
+        sampler = generation.IndexSampler(
+            model, cfg, seed=args.seed, labels=args.labels, vae=vae, sampler_mode=args.sampler,
+            precision=precision, decode_batch_size=args.decode_batch_size,
+        )  # fmt: skip
+        todo = args.num_samples - done_before
         if rank == 0:
-            now = generation.count_done(parts)
-            bar.update(now - shown)
-            shown = now
-    _barrier()
-    elapsed = time.perf_counter() - tic
-    if rank != 0:
-        return None
-    complete = generation.count_done(parts)
-    bar.update(complete - shown)
-    bar.close()
-    made = complete - done_before
-    if made:
-        print(f"dfm generate: {made} images in {elapsed:.1f} s ({made / max(elapsed, 1e-9):.2f} img/s)")
-    if complete < args.num_samples:
-        print(f"dfm generate: {complete}/{args.num_samples} done in {parts}; run the same command to continue")
-        return None
-    generation.merge_shards(parts, out, args.num_samples)
-    if not args.keep_parts:
-        shutil.rmtree(parts)
-    print(f"dfm generate: wrote {out} ({args.num_samples} images)")
-    return out
+            print(
+                f"dfm generate: {args.num_samples} samples of {cfg.model} ({cfg.sample.mode}, "
+                f"NFE {sum(cfg.steps_per_stage()) if cfg.sample.mode == 'ode' else cfg.sample.num_steps}, "
+                f"cfg {cfg.sample.cfg_scale}) on {world_size} rank(s), {device.type}, {precision}: "
+                f"{done_before} exist, {todo} to go in {left} batches of <= {args.batch_size}"
+            )
+        bar = tqdm(
+            total=args.num_samples, initial=done_before, unit="img", dynamic_ncols=True, disable=rank != 0 or not todo
+        )
+        tic = time.perf_counter()
+        _sample_pieces(sampler, mine, parts, rank, bar, args.batch_size)
+        _barrier()
+        if rank != 0:
+            return None
+        return _merge(args, parts, out, done_before, time.perf_counter() - tic, bar)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> Path | None:

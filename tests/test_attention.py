@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from parity import assert_parity
 
 from dfm import attention as attn
 from dfm.attention import attention, attention_math, backend_for, forced_backend, select_backend
@@ -75,9 +76,7 @@ def test_backend_matches_math_reference(device, dtype, backend, shape, layout):
     assert out.shape == shape and out.dtype == dtype
 
     def check(fast, same, ref, what):
-        err_fast = (fast.double() - ref).abs().max().item()
-        err_torch = (same.double() - ref).abs().max().item()
-        assert err_fast <= 2 * err_torch + ATOL[dtype], f"{what}: {backend} {err_fast:.3g} vs math {err_torch:.3g}"
+        assert_parity(fast, same, ref, ATOL[dtype], f"{what} of {backend} (torch: the math backend)")
 
     check(out, ref_same, ref64, "output")
     # Gradients through the backend (the training path) against the same reference.

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from parity import assert_parity
 
 from dfm import pyramid
 from dfm.fast_sampling import FastStagedSampler, sampler_mode, schedule_rows
@@ -53,13 +54,6 @@ def _reference64(model, schedule, noise, y, method="euler"):
     return pyramid.recompose(x), shots
 
 
-def _assert_parity(fast, eager, ref64, what, atol):
-    """STYLE tolerance: max|fast - ref64| <= 2 max|eager - ref64| + atol."""
-    err_fast = (fast.double() - ref64).abs().max().item()
-    err_eager = (eager.double() - ref64).abs().max().item()
-    assert err_fast <= 2 * err_eager + atol, f"{what}: fast {err_fast:.3g} vs eager {err_eager:.3g} (fp64 reference)"
-
-
 @pytest.fixture(scope="module")
 def setup():
     model = _model()
@@ -76,11 +70,11 @@ def test_compiled_sampler_matches_eager_images_and_previews(setup):
     got = fast.sample(noise, y)
     ref_x, ref_previews = _reference64(model, schedule, noise, y)
     atol = 1e-7 * ref_x.abs().max().item()
-    _assert_parity(got.x, want.x, ref_x, "final image", atol)
+    assert_parity(got.x, want.x, ref_x, atol, "final image")
     assert len(got.previews) == len(want.previews) == schedule.stages
     for s, (p_fast, p_eager, p_ref) in enumerate(zip(got.previews, want.previews, ref_previews)):
         assert p_fast.shape == p_eager.shape == got.x.shape
-        _assert_parity(p_fast, p_eager, p_ref, f"preview after phase {s}", atol)
+        assert_parity(p_fast, p_eager, p_ref, atol, f"preview after phase {s}")
     for b_fast, b_eager in zip(got.bands, want.bands):
         assert b_fast.shape == b_eager.shape and b_fast.dtype == b_eager.dtype == torch.float32
     # Previews differ from the final image (they are real intermediate states, not copies of it).
@@ -139,9 +133,9 @@ def test_cudagraph_sampler_matches_eager(method, batch):
     got = fast.sample(noise, y)
     ref_x, ref_previews = _reference64(model, schedule, noise, y, method)
     atol = 1e-7 * ref_x.abs().max().item()
-    _assert_parity(got.x, want.x, ref_x, "final image", atol)
+    assert_parity(got.x, want.x, ref_x, atol, "final image")
     for s, (p_fast, p_eager, p_ref) in enumerate(zip(got.previews, want.previews, ref_previews)):
-        _assert_parity(p_fast, p_eager, p_ref, f"preview after phase {s}", atol)
+        assert_parity(p_fast, p_eager, p_ref, atol, f"preview after phase {s}")
     # Replays refresh the static buffers from the new inputs: new labels, new result; same inputs, same result.
     again = fast.sample(noise, y)
     assert torch.equal(again.x, got.x)

@@ -76,4 +76,5 @@ def test_training_works_when_called_under_no_grad():
     """Scoring code runs under no_grad; a cache miss there must still train the classifier."""
     with torch.no_grad():
         model = digits.train_digits_classifier(8, epochs=1)
-    assert 0.0 <= model.heldout_accuracy <= 1.0 and all(p.grad is not None for p in model.parameters())
+    # it did learn: one epoch reaches ~0.35 held-out; chance is 0.1 and 0.2 is six standard errors above it
+    assert model.heldout_accuracy > 0.2 and all(p.grad is not None for p in model.parameters())

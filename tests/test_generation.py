@@ -242,8 +242,8 @@ def test_study_digits_smoke(tmp_path):
     for m in ("dfm", "sit"):
         evals = study["runs"][m]["evals"]
         assert sorted(evals, key=int) == ["2", "4"]
-        for scores in evals.values():
-            assert scores["fd"] > 0 and 0.0 <= scores["accuracy"] <= 1.0
+        for scores in evals.values():  # 2 and 4 steps of training: far below the real digits' scores
+            assert scores["fd"] > study["real"]["fd"] and scores["accuracy"] < study["real"]["accuracy"]
     assert study["runs"]["dfm"]["evals"]["4"]["steps_per_stage"] == [4, 1]
     assert study["runs"]["sit"]["evals"]["4"]["steps_per_stage"] == [5]
     # 4 steps of training are far from the data: worse than real digits at the same sample count

@@ -1,6 +1,6 @@
 """Staged sampler throughput: eager vs compiled step vs compiled step replayed from CUDA graphs.
 
-``pytest benchmarks/bench_sampler.py --benchmark-enable --benchmark-json=sampler.json``, then
+``pytest benchmarks/bench_sampling.py --benchmark-enable --benchmark-json=sampler.json``, then
 ``python benchmarks/render.py sampler.json``. One call samples a batch of DFM-SiT-S/2 latents (32x32x4)
 along the staged schedule with CFG (w = 4 on stages whose t lies in [0, 0.7], so the schedule has both
 guided steps, with a doubled batch, and unguided ones), previews included. The model runs under bf16
