@@ -50,7 +50,9 @@ def finetune_source(ckpt: str | None) -> Path | None:
         return None
     path = Path(ckpt)
     if path.is_dir():
-        resumable = (path / "trainer_rank0.pt").is_file()
+        from dfm import checkpoint
+
+        resumable = checkpoint.trainer_file(path, 0).is_file()
         return path if (path / "ema.safetensors").is_file() and not resumable else None
     return path if path.suffix == ".safetensors" and path.is_file() else None
 

@@ -190,6 +190,29 @@ def test_lost_shards_are_regenerated_and_settings_are_checked(pixel_ckpt, tmp_pa
     assert "already exists" in capsys.readouterr().out
 
 
+def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, one_thread, capsys):
+    from dfm.files import FolderLock
+
+    out = tmp_path / "s.npz"
+    flags = ["--device", "cpu", "--ckpt", str(pixel_ckpt), "--num-samples", str(N), "--batch-size", str(BATCH),
+             "--out", str(out), "--keep-parts"]  # fmt: skip
+    generate_main(flags)
+    full = load_npz(out)
+    out.unlink()
+    parts = generation.parts_dir(out)
+    shard = parts / "00000003-00000006.npz"
+    shard.write_bytes(shard.read_bytes()[:200])  # a shard cut short (a disk error, a copy interrupted)
+    with FolderLock(parts, "dfm generate"):  # another job on this --out holds the folder
+        with pytest.raises(SystemExit, match=r"s\.npz\.parts is in use by pid"):
+            generate_main(flags)
+    assert len(shard.read_bytes()) == 200  # the refused job changed nothing
+    capsys.readouterr()
+    generate_main(flags)
+    assert "redoing 00000003-00000006.npz (unreadable" in capsys.readouterr().out
+    assert (parts / ".bad-00000003-00000006.npz").is_file()  # set aside, not deleted
+    assert np.array_equal(load_npz(out)["arr_0"], full["arr_0"])  # the same images, sampled again
+
+
 def test_latent_model_decodes_with_the_vae(tmp_path, one_thread):
     from diffusers import AutoencoderKL
 

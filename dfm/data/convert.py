@@ -66,9 +66,22 @@ def center_crop(img: Image.Image, width: int, height: int) -> np.ndarray:
     return np.asarray(square.resize((width, height), resample=Image.LANCZOS))
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grey (PNG's ``I;16`` and PIL's 32-bit ``I``) is scaled to 8 bits first: PIL's own
+    conversion clips every value above 255, which turns a 16-bit photo white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"{img.mode} image with values in [{arr.min():g}, {arr.max():g}]: not 16-bit grey")
+        img = Image.fromarray(np.round(arr / 257.0).astype(np.uint8), mode="L")  # 65535 / 255 = 257
+    elif img.mode == "F":
+        raise ValueError("floating-point image (mode F): its value range is unknown; convert it to 8 or 16 bits")
+    return img.convert("RGB")
+
+
 def transform_image(img: Image.Image, resolution: tuple[int, int], transform: str) -> np.ndarray:
     """RGB-convert and apply ``transform`` at ``resolution`` (width, height)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = resolution
     if transform == "center-crop-dhariwal":
         if w != h:
@@ -122,7 +135,9 @@ class ImageSource:
 
 def scan_source(source: ImageSource) -> tuple[list[tuple[str, int]], list[str]]:
     """``([(name, label), ...], class_names)``: labels from a ``dataset.json`` at the root if there is one,
-    else from the parent folder of each image (sorted folder names → 0, 1, ...)."""
+    else from the top-level folder of each image (sorted folder names → 0, 1, ...; deeper folders belong to
+    their top-level class, as in ImageNet's layout). A source whose images all lie at its top is one class;
+    images both at the top and in class folders are refused (their class is ambiguous)."""
     names = source.names()
     if FILES_INDEX in names:
         with source.open(FILES_INDEX) as f:
@@ -133,9 +148,16 @@ def scan_source(source: ImageSource) -> tuple[list[tuple[str, int]], list[str]]:
         classes = index.get("classes") or [str(c) for c in range(max((y for _, y in entries), default=-1) + 1)]
         return entries, classes
     images = [n for n in names if Path(n).suffix.lower() in IMAGE_EXTS]
-    classes = sorted({str(Path(n).parent) for n in images})
+    top = [n for n in images if "/" not in n]
+    if top and len(top) < len(images):
+        raise ValueError(
+            f"{source.path}: {len(top)} images lie at the top (e.g. {top[0]}) beside class folders: their class "
+            "is ambiguous; move them into a class folder, or give a dataset.json with the labels"
+        )
+    class_of = {n: n.split("/", 1)[0] if "/" in n else source.path.stem for n in images}
+    classes = sorted(set(class_of.values()))
     label_of = {c: i for i, c in enumerate(classes)}
-    return [(n, label_of[str(Path(n).parent)]) for n in images], classes
+    return [(n, label_of[class_of[n]]) for n in images], classes
 
 
 def output_name(idx: int) -> str:

@@ -245,13 +245,17 @@ def _open_files(root: Path, manifest: dict) -> LatentStore:
     return store
 
 
+VALUE_SAMPLE = 256  # samples whose values every training start reads (spread over the store): a few MB
+
+
 def validate_store(data_dir: str | Path, world_size: int = 1, deep: bool = False) -> LatentStore:
     """Check a store before training starts and return it opened; raise :class:`StoreError` naming the file.
 
     Always checked: the manifest/index, the moments and labels files (presence, readable header, full size,
-    shape, dtype), labels in ``[0, num_classes)``, a non-empty shard for every one of ``world_size`` ranks, and
-    for the files layout that every listed file exists. ``deep`` also reads every sample: each per-image file's
-    header, and non-finite means or negative/non-finite standard deviations anywhere.
+    shape, dtype), labels in ``[0, num_classes)``, a non-empty shard for every one of ``world_size`` ranks, for
+    the files layout that every listed file exists, and the values of ``VALUE_SAMPLE`` samples spread evenly
+    over the store (finite means, finite standard deviations >= 0: a NaN store would train to a NaN model).
+    ``deep`` reads every sample instead.
     """
     store = open_store(data_dir)
     where = store.moments_path if store.layout == "packed" else store.root / FILES_INDEX
@@ -273,7 +277,20 @@ def validate_store(data_dir: str | Path, world_size: int = 1, deep: bool = False
         chunk = max(1, (64 << 20) // (store.moments[0].nbytes or 1))  # ~64 MiB per read
         for start in range(0, store.count, chunk):
             _check_finite(np.asarray(store.moments[start : start + chunk]), store, store.moments_path, start)
+    if not deep:
+        _check_sample_values(store)
     return store
+
+
+def _check_sample_values(store: LatentStore) -> None:
+    picks = np.unique(np.linspace(0, store.count - 1, num=min(VALUE_SAMPLE, store.count)).astype(np.int64))
+    for i in picks if store.layout == "files" else []:
+        _check_finite(store.read_file(int(i))[None], store, store.root / store.files[int(i)], 0)
+    if store.layout == "packed":
+        bad = _bad_rows(np.asarray(store.moments[picks]), store)
+        if bad.any():  # name the first bad sample by its index in the store
+            first = int(picks[np.flatnonzero(bad)[0]])
+            raise StoreError(f"{store.moments_path}: sample {first} has non-finite moments or std < 0")
 
 
 def _listed_files_present(store: LatentStore) -> set[str]:
@@ -287,9 +304,14 @@ def _listed_files_present(store: LatentStore) -> set[str]:
     return present
 
 
-def _check_finite(m: np.ndarray, store: LatentStore, path: Path, start: int = 0) -> None:
+def _bad_rows(m: np.ndarray, store: LatentStore) -> np.ndarray:
+    """Per sample of moments ``m``: whether a mean is not finite or a standard deviation not finite and >= 0."""
     mean, std = m[:, : store.channels], m[:, store.channels :]
-    bad = ~np.isfinite(mean).reshape(len(m), -1).all(1) | ~(np.isfinite(std) & (std >= 0)).reshape(len(m), -1).all(1)
+    return ~np.isfinite(mean).reshape(len(m), -1).all(1) | ~(np.isfinite(std) & (std >= 0)).reshape(len(m), -1).all(1)
+
+
+def _check_finite(m: np.ndarray, store: LatentStore, path: Path, start: int = 0) -> None:
+    bad = _bad_rows(m, store)
     if bad.any():
         raise StoreError(f"{path}: sample {start + int(np.flatnonzero(bad)[0])} has non-finite moments or std < 0")
 

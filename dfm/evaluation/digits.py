@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from dfm.data.digits import load_digits_tensor
 from dfm.evaluation.frechet import FeatureStats
+from dfm.files import atomic_path
+from dfm.safe_load import load_torch_file
 
 CACHE_VERSION = 1  # bump when the architecture or the training recipe changes
 FEATURE_DIM = 64
@@ -158,7 +160,7 @@ def digits_classifier(resolution: int, cache_dir: str | Path | None = None, seed
     ckpt = None
     if path.is_file():
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_torch_file(path)
             model.load_state_dict(ckpt["state_dict"])
         except Exception as e:  # a truncated or foreign file: retrain rather than fail
             warnings.warn(
@@ -168,9 +170,8 @@ def digits_classifier(resolution: int, cache_dir: str | Path | None = None, seed
     if ckpt is None:
         model = train_digits_classifier(resolution, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "heldout_accuracy": model.heldout_accuracy}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent evaluations never read a half-written file
+        with atomic_path(path) as tmp:  # concurrent evaluations never read a half-written file
+            torch.save({"state_dict": model.state_dict(), "heldout_accuracy": model.heldout_accuracy}, tmp)
     else:
         model.heldout_accuracy = float(ckpt["heldout_accuracy"])
     model.eval().requires_grad_(False)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from dfm.safe_load import load_torch_file
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -20,10 +21,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
-        raise ValueError(f"{path}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
+    state = load_torch_file(path)  # the weights-only unpickler: a crafted file is refused, nothing executes
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

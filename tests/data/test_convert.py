@@ -85,3 +85,41 @@ def test_convert_resumes_and_counts(tmp_path):
     for i in (0, 7, 15):
         a, b = (np.asarray(Image.open(d / convert.output_name(i))) for d in (dest, tmp_path / "from_zip"))
         np.testing.assert_array_equal(a, b)
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    from dfm.data.convert import to_rgb
+
+    grey16 = np.array([[0, 257 * 100], [257 * 200, 65535]], dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")  # a 16-bit greyscale PNG, as scanners write them
+    with Image.open(tmp_path / "g16.png") as img:
+        img.load()
+        assert img.mode.startswith("I")
+        rgb = np.asarray(to_rgb(img))
+        clipped = np.asarray(img.convert("RGB"))  # what PIL alone does
+    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 100], [200, 255]]
+    assert clipped[0, 1, 0] == 255 and clipped[1, 0, 0] == 255  # 100 and 200 turn white
+    with pytest.raises(ValueError, match="mode F"):
+        to_rgb(Image.fromarray(np.zeros((2, 2), np.float32)))
+
+
+def test_class_folders_at_any_depth_and_images_at_the_top(tmp_path):
+    from dfm.data.convert import ImageSource, scan_source
+
+    def put(name):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+
+    for name in ("n01/a.png", "n01/extra/b.png", "n02/c.png"):  # ImageNet-like, one class with a subfolder
+        put(name)
+    entries, classes = scan_source(ImageSource(tmp_path))
+    assert classes == ["n01", "n02"] and dict(entries) == {"n01/a.png": 0, "n01/extra/b.png": 0, "n02/c.png": 1}
+    put("stray.png")
+    with pytest.raises(ValueError, match=r"1 images lie at the top \(e\.g\. stray\.png\) beside class folders"):
+        scan_source(ImageSource(tmp_path))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / f"{i}.png")
+    entries, classes = scan_source(ImageSource(flat))
+    assert classes == ["flat"] and [y for _, y in entries] == [0, 0]

@@ -125,12 +125,28 @@ def test_non_finite_moments_found_by_deep_validation(tmp_path):
     m = index_coded_moments(6, std=0.1)
     m[4, 5, 1, 1] = -0.1  # a negative std
     root = write_store(tmp_path / "s", m, np.zeros(6), 3)
-    validate_store(root)  # the cheap check reads metadata only
-    with pytest.raises(StoreError, match=r"moments.npy: sample 4 has non-finite moments or std < 0"):
-        validate_store(root, deep=True)
+    for deep in (False, True):  # a store this small is read whole by the cheap check's sample too
+        with pytest.raises(StoreError, match=r"moments.npy: sample 4 has non-finite moments or std < 0"):
+            validate_store(root, deep=deep)
     m[4, 5, 1, 1], m[2, 0, 0, 0] = 0.1, np.nan
     root = write_store(tmp_path / "f", m, np.zeros(6), 3, layout="files")
     with pytest.raises(StoreError, match=r"img-mean-std-00000002.npy: sample 0 has non-finite"):
+        validate_store(root, deep=True)
+
+
+def test_every_training_start_reads_a_sample_of_the_values(tmp_path, monkeypatch):
+    """A NaN store must not train to a NaN model: validation reads VALUE_SAMPLE samples spread over it."""
+    from dfm.data import store as store_module
+
+    monkeypatch.setattr(store_module, "VALUE_SAMPLE", 4)  # 4 of 40 samples: indices 0, 13, 26, 39
+    m = index_coded_moments(40, std=0.1)
+    m[26, 0, 0, 0] = np.inf
+    with pytest.raises(StoreError, match=r"sample 26 has non-finite"):
+        validate_store(write_store(tmp_path / "a", m, np.zeros(40), 3))
+    m[26, 0, 0, 0], m[5, 0, 0, 0] = 0.0, np.nan  # between the sampled ones: only the deep check reads it
+    root = write_store(tmp_path / "b", m, np.zeros(40), 3)
+    validate_store(root)
+    with pytest.raises(StoreError, match=r"sample 5 has non-finite"):
         validate_store(root, deep=True)
 
 
@@ -141,9 +157,8 @@ def test_bad_files_store_names_the_file(tmp_path):
     with pytest.raises(StoreError, match=r"missing latent file .*img-mean-std-00000003.npy \(1 of 6 missing\)"):
         build_latent_loader(root, 2, loader="torch")
     one.write_bytes(b"\x93NUMPY\x01\x00garbage")
-    loader = build_latent_loader(root, 6, loader="torch", num_workers=0)  # the header is read when the batch is
     with pytest.raises(StoreError, match=r"corrupt latent file .*img-mean-std-00000003.npy"):
-        take(loader, 1)
+        build_latent_loader(root, 6, loader="torch", num_workers=0)  # the sampled value check reads it at start
     with pytest.raises(StoreError, match=r"corrupt latent file .*img-mean-std-00000003.npy"):
         validate_store(root, deep=True)
     np.save(one, np.zeros((8, 4, 5), np.float32))
