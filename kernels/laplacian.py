@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import MAX_NUMEL
+from . import MAX_NUMEL, reference
 from .common import STENCIL_TILE, STENCIL_WARPS, rounded, store_rounded, tile_shape
 from .noising import noise_epilogue
 from .reference import check_divisible
@@ -56,6 +56,21 @@ def _mean2x2(X_ptr, base, ii, cols, sxh, sxw, mask, DTYPE: tl.constexpr, BH: tl.
     """Low pixels at rows ``ii`` over column pairs ``cols``, rounded to the storage dtype."""
     top, bot = _fine_rows(X_ptr, base, ii, cols, sxh, sxw, mask)
     return rounded(_pair_mean(top, bot, BH, BW), DTYPE)
+
+
+@triton.jit
+def _level_tile(rows, C, Hl, Wl, BH: tl.constexpr, BW: tl.constexpr):
+    """This program's tile of a level: low rows ``r`` (BH, 1) run over (b, c, i) flattened, so one tile can
+    span several small planes; low columns ``j`` (1, BW) and the fine columns ``k`` (1, 2 BW) over them;
+    the masks of the low and fine pixels that exist; and each row's ``i``, ``b``, ``c``."""
+    r = tl.program_id(0) * BH + tl.arange(0, BH)[:, None]
+    j = tl.program_id(1) * BW + tl.arange(0, BW)[None, :]
+    k = tl.program_id(1) * (2 * BW) + tl.arange(0, 2 * BW)[None, :]
+    row_ok = r < rows
+    plane = r // Hl
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    return r, j, k, row_ok, row_ok & (j < Wl), row_ok & (k < 2 * Wl), r % Hl, b, c
 
 
 @triton.jit
@@ -125,17 +140,7 @@ def _down_level_kernel(
     Each output is stored (contiguous) or noised on the fly into x_t and v, as the flags say.
     """
     DTYPE: tl.constexpr = X_ptr.dtype.element_ty
-    # Low rows run over (b, c, i) flattened, so one tile can span several small planes.
-    r = tl.program_id(0) * BH + tl.arange(0, BH)[:, None]  # (BH, 1) low row
-    j = tl.program_id(1) * BW + tl.arange(0, BW)[None, :]  # (1, BW) low column
-    k = tl.program_id(1) * (2 * BW) + tl.arange(0, 2 * BW)[None, :]  # (1, 2 BW) fine column
-    row_ok = r < rows
-    mask_l = row_ok & (j < Wl)
-    mask_f = row_ok & (k < 2 * Wl)
-    plane = r // Hl
-    i = r % Hl
-    b = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
+    r, j, k, row_ok, mask_l, mask_f, i, b, c = _level_tile(rows, C, Hl, Wl, BH, BW)
     base = b * sxb + c * sxc
     # Halo indices, clamped into the image: every load is in bounds, edge weights do the rest.
     i_p = tl.maximum(i - 1, 0)
@@ -200,16 +205,7 @@ def _up_add_kernel(
     BW: tl.constexpr,
 ):
     """One recomposition level: ``out = up(low) + band`` with out, band (B, C, 2 Hl, 2 Wl), out contiguous."""
-    r = tl.program_id(0) * BH + tl.arange(0, BH)[:, None]  # (BH, 1) coarse row over (b, c, i)
-    j = tl.program_id(1) * BW + tl.arange(0, BW)[None, :]  # (1, BW) coarse column
-    k = tl.program_id(1) * (2 * BW) + tl.arange(0, 2 * BW)[None, :]  # (1, 2 BW) fine column
-    row_ok = r < rows
-    mask_l = row_ok & (j < Wl)
-    mask_f = row_ok & (k < 2 * Wl)
-    plane = r // Hl
-    i = r % Hl
-    b = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
+    r, j, k, row_ok, mask_l, mask_f, i, b, c = _level_tile(rows, C, Hl, Wl, BH, BW)
     lb = LOW_ptr + b * slb + c * slc
     row_p = tl.maximum(i - 1, 0) * slh
     row_c = i * slh
@@ -302,42 +298,38 @@ def check_input(x: Tensor, stages: int) -> None:
         raise ValueError(f"{x.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
 
 
+def _fused_level(cur: Tensor) -> tuple[Tensor, Tensor]:
+    B, C, H, W = cur.shape
+    low = torch.empty((B, C, H // 2, W // 2), dtype=cur.dtype, device=cur.device)
+    band = torch.empty((B, C, H, W), dtype=cur.dtype, device=cur.device)
+    down_level(cur, low, band)
+    return low, band
+
+
+def _fused_up_add(cur: Tensor, band: Tensor) -> Tensor:
+    B, C, Hl, Wl = cur.shape
+    if band.dtype != cur.dtype:
+        raise ValueError(f"bands must share one dtype, got {cur.dtype} and {band.dtype}")
+    if band.numel() > MAX_NUMEL:
+        raise ValueError(f"{band.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
+    out = torch.empty(band.shape, dtype=band.dtype, device=band.device)
+    rows = B * C * Hl
+    grid, bh, bw = level_grid(rows, Wl)
+    _up_add_kernel[grid](
+        cur, band, out, C, Hl, Wl, rows, *cur.stride(), *band.stride(), BH=bh, BW=bw, num_warps=STENCIL_WARPS
+    )
+    return out
+
+
 def decompose(x: Tensor, stages: int) -> list[Tensor]:
     """Fused :func:`dfm.kernels.reference.decompose`: one launch per level; bands contiguous, in ``x``'s dtype.
 
     With one stage the pyramid is ``[x]`` itself, as in the reference.
     """
     check_input(x, stages)
-    bands, cur = [], x
-    for _ in range(stages - 1):
-        B, C, H, W = cur.shape
-        low = torch.empty((B, C, H // 2, W // 2), dtype=x.dtype, device=x.device)
-        band = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
-        down_level(cur, low, band)
-        bands.append(band)
-        cur = low
-    bands.append(cur)
-    return bands[::-1]
+    return reference.decompose(x, stages, level=_fused_level)
 
 
 def recompose(bands: list[Tensor]) -> Tensor:
     """Fused :func:`dfm.kernels.reference.recompose`: one ``up(cur) + band`` launch per level, contiguous output."""
-    cur = bands[0]
-    for band in bands[1:]:
-        B, C, Hl, Wl = cur.shape
-        if band.shape != (B, C, 2 * Hl, 2 * Wl):
-            raise ValueError(
-                f"band of shape {tuple(band.shape)} does not follow a level of shape {tuple(cur.shape)} (expected 2x)"
-            )
-        if band.dtype != cur.dtype:
-            raise ValueError(f"bands must share one dtype, got {cur.dtype} and {band.dtype}")
-        if band.numel() > MAX_NUMEL:
-            raise ValueError(f"{band.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
-        out = torch.empty(band.shape, dtype=band.dtype, device=band.device)
-        rows = B * C * Hl
-        grid, bh, bw = level_grid(rows, Wl)
-        _up_add_kernel[grid](
-            cur, band, out, C, Hl, Wl, rows, *cur.stride(), *band.stride(), BH=bh, BW=bw, num_warps=STENCIL_WARPS
-        )
-        cur = out
-    return cur
+    return reference.recompose(bands, up_add=_fused_up_add)

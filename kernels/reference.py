@@ -15,6 +15,8 @@ with edge clamping, which is what the kernels compute. Noising (spec section 3):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -70,33 +72,44 @@ def stage_shapes(height: int, width: int, stages: int) -> list[tuple[int, int]]:
     return [(height >> (stages - 1 - s), width >> (stages - 1 - s)) for s in range(stages)]
 
 
-def decompose(x: Tensor, stages: int) -> list[Tensor]:
+def level(cur: Tensor) -> tuple[Tensor, Tensor]:
+    """One level of the pyramid: ``(low, band) = (down(cur), cur - up(down(cur)))``."""
+    low = down(cur)
+    return low, cur - up(low)
+
+
+def up_add(cur: Tensor, band: Tensor) -> Tensor:
+    """One level of the recomposition: ``up(cur) + band``."""
+    return up(cur) + band
+
+
+def decompose(x: Tensor, stages: int, level: Callable[[Tensor], tuple[Tensor, Tensor]] = level) -> list[Tensor]:
     """Split ``x`` (B, C, H, W) into ``stages`` bands, coarsest first.
 
     ``bands[0]`` is ``x`` bilinearly halved ``stages - 1`` times; ``bands[s]`` for s >= 1 is the detail lost
     between resolution H / 2^(S-s) and H / 2^(S-1-s). ``recompose(decompose(x, S)) == x`` up to rounding.
+    ``level`` computes one level (the fused kernel passes its own; the algorithm stays this one).
     """
     if x.dim() != 4:
         raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     check_divisible(x.shape[-2], x.shape[-1], stages)
     bands, cur = [], x
     for _ in range(stages - 1):
-        low = down(cur)
-        bands.append(cur - up(low))
-        cur = low
+        cur, band = level(cur)
+        bands.append(band)
     bands.append(cur)
     return bands[::-1]
 
 
-def recompose(bands: list[Tensor]) -> Tensor:
+def recompose(bands: list[Tensor], up_add: Callable[[Tensor, Tensor], Tensor] = up_add) -> Tensor:
     """Inverse of :func:`decompose`: ``cur = bands[0]; cur = up(cur) + band`` for the finer bands."""
     cur = bands[0]
     for band in bands[1:]:
-        if band.shape[-2:] != (cur.shape[-2] * 2, cur.shape[-1] * 2):
+        if band.shape[-2:] != (cur.shape[-2] * 2, cur.shape[-1] * 2) or band.shape[:2] != cur.shape[:2]:
             raise ValueError(
                 f"band of shape {tuple(band.shape)} does not follow a level of shape {tuple(cur.shape)} (expected 2x)"
             )
-        cur = up(cur) + band
+        cur = up_add(cur, band)
     return cur
 
 

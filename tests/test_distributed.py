@@ -306,30 +306,6 @@ def test_bf16_autocast_trains_fp32_master_weights(out):
     assert not torch.equal(working.bfloat16().float(), working)  # weights carry bits that bf16 would drop
 
 
-def test_deepspeed_config_layouts_and_offload(out):
-    from dfm.launch.engine import batch_layout, client_optimizer, deepspeed_config
-
-    from dfm.config import ConfigError
-
-    cfg = tiny(out, "train.global_batch_size=256", "train.micro_batch_size=32")
-    for world, accum in ((1, 8), (2, 4), (8, 1)):
-        assert batch_layout(cfg, world) == (32, accum)
-        ds = deepspeed_config(cfg, world)
-        assert ds["train_batch_size"] == 256 == 32 * world * ds["gradient_accumulation_steps"]
-    with pytest.raises(ConfigError, match="train.global_batch_size"):
-        batch_layout(cfg, 16)  # 32 x 16 > 256
-    ds = deepspeed_config(tiny(out, "train.zero_stage=1", "train.precision=bf16"), 2, load_universal=True)
-    assert "bf16" not in ds and "data_types" not in ds  # an fp32 engine: bf16 comes from autocast alone
-    assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["reduce_bucket_size"] == 5e7
-    assert ds["checkpoint"]["load_universal"]
-    offload = tiny(out, "train.zero_stage=2", "train.offload=true")
-    ds = deepspeed_config(offload, 2)
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["optimizer"]["type"] == "AdamW"
-    assert ds["optimizer"]["params"]["lr"] == 1e-3 and client_optimizer(offload, torch.nn.Linear(2, 2)) is None
-    with pytest.raises(ConfigError, match="train.offload"):
-        tiny(out, "train.offload=true")  # ZeRO-0 has nothing to offload
-
-
 def test_loader_global_batches_do_not_depend_on_the_layout():
     from dfm.data.digits import InMemoryLoader
     from dfm.train import draw_seed
