@@ -37,15 +37,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log it, add a s
 }
 
 step environment 20 "$PY" -c "
-import torch, triton
+import importlib.util, torch, triton
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'
-print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}, GPU: {dev}')
-for name in ('deepspeed', 'nvidia.dali', 'flash_attn', 'diffusers'):
-    try:
-        __import__(name)
-        print(name, 'imports')
-    except Exception as err:
-        print(name, 'missing:', type(err).__name__)
+have = {n: importlib.util.find_spec(n) is not None for n in ('deepspeed', 'nvidia.dali', 'flash_attn', 'diffusers')}
+print(f'GPU: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}; '
+      + ', '.join(f'{n} {\"yes\" if ok else \"missing\"}' for n, ok in have.items()))
 "
 # Every CUDA-only test (the suite's conftest marks them; a module whose import fails is reported, not fatal).
 step cuda_tests 170 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout=150 -rs --continue-on-collection-errors
