@@ -28,7 +28,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "ruff", "matplotlib"],
-        # NVIDIA apex is optional and built from source (the PyPI "apex" is an unrelated package).
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["dfm=dfm.launch.cli:main"]},

@@ -36,10 +36,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dfm import distributed
 from dfm.files import fsync_dir, fsync_file, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,6 @@ class EngineState(Protocol):
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The full trained weights on rank 0 (empty elsewhere). Collective."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def tag_of(step: int) -> str:
@@ -237,7 +228,8 @@ def checkpoint_dirs(ckpt_root: str | Path) -> list[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and TAG.match(p.name)), key=lambda p: -int(p.name))
+    found = (p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and TAG.match(p.name))
+    return sorted(found, key=lambda p: -int(p.name))
 
 
 def pointed(ckpt_root: str | Path) -> Path | None:
@@ -270,8 +262,14 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return None
 
 
-def _candidates(ckpt_root: str | Path) -> list[Path]:
-    first = pointed(ckpt_root)
+def _candidates(ckpt_root: str | Path, report: Callable[[str], None] | None = None) -> list[Path]:
+    """The pointed checkpoint first (an unusable pointer is reported and ignored), then the rest newest first."""
+    try:
+        first = pointed(ckpt_root)
+    except CheckpointError as err:
+        if report is not None:
+            report(f"ignoring the pointer: {err}")
+        first = None
     rest = [p for p in checkpoint_dirs(ckpt_root) if p != first]
     return ([first] if first is not None else []) + rest
 
@@ -279,7 +277,7 @@ def _candidates(ckpt_root: str | Path) -> list[Path]:
 def find_resumable(ckpt_root: str | Path, report: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to resume: ``latest`` if intact, else the newest intact one; each rejected checkpoint
     is reported with the reason (the bad file). None when the folder holds no checkpoint at all."""
-    candidates = _candidates(ckpt_root)
+    candidates = _candidates(ckpt_root, report)
     for path in candidates:
         try:
             verify(path)
@@ -310,31 +308,50 @@ def save_checkpoint(ckpt_root: str | Path, request: SaveRequest, engine: EngineS
     """Save ``<ckpt_root>/<step:07d>`` atomically (every rank calls this; see the module docstring).
 
     ``ema`` has ``state_dict()`` giving the full EMA weights on rank 0 (a collective under ZeRO-3). Raises
-    :class:`NonFiniteError` before writing anything if the weights or the EMA are not finite.
+    :class:`NonFiniteError` before writing anything if the weights or the EMA are not finite, and
+    :class:`CheckpointError` if any rank fails to write (a full disk): on every rank, so none is left waiting.
     """
-    root, tag, rank = Path(ckpt_root), tag_of(request.step), _rank()
+    root, tag, rank = Path(ckpt_root), tag_of(request.step), distributed.rank()
     staging = root / STAGING / tag
     weights, ema_weights = engine.weights(), ema.state_dict()  # collectives: every rank takes part
-    if rank == 0 and not (all_finite(weights.values()) and all_finite(ema_weights.values())):
+    finite = rank != 0 or (all_finite(weights.values()) and all_finite(ema_weights.values()))
+    if not distributed.all_ok(finite):
         raise NonFiniteError(f"step {request.step}: the weights or the EMA are not finite; nothing was saved")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted save
         staging.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    try:
-        engine.save(staging)
-        write_text_atomic(trainer_file(staging, rank), json.dumps(request.trainer_state))
-        if rank == 0:
-            _save_weights(weights, staging / MODEL_FILE)
-            _save_weights(ema_weights, staging / EMA_FILE)
-            write_text_atomic(staging / CONFIG_FILE, request.config_yaml)
-        _barrier()
+    distributed.barrier()
+    _on_every_rank(lambda: _write_rank_files(staging, request, engine, weights, ema_weights, rank), staging)
+
+    def commit():
         if rank == 0:
             _commit(root, staging, request)
-    except OSError as err:  # disk full, permissions: name the checkpoint, keep the previous one
-        raise CheckpointError(f"saving checkpoint {staging} failed: {err}") from err
-    _barrier()
+
+    _on_every_rank(commit, staging)
     return root / tag
+
+
+def _on_every_rank(write: Callable[[], object], staging: Path) -> None:
+    """Run one phase of a save on this rank; if it fails on any rank (a full disk), every rank raises."""
+    error = None
+    try:
+        write()
+    except (OSError, CheckpointError) as err:
+        error = err
+    if not distributed.all_ok(error is None):
+        if isinstance(error, CheckpointError):
+            raise error
+        reason = f"{error}" if error is not None else "another rank failed to write its part"
+        raise CheckpointError(f"saving checkpoint {staging} failed: {reason}") from error
+
+
+def _write_rank_files(staging: Path, request: SaveRequest, engine: EngineState, weights, ema_weights, rank: int):
+    engine.save(staging)
+    write_text_atomic(trainer_file(staging, rank), json.dumps(request.trainer_state))
+    if rank == 0:
+        _save_weights(weights, staging / MODEL_FILE)
+        _save_weights(ema_weights, staging / EMA_FILE)
+        write_text_atomic(staging / CONFIG_FILE, request.config_yaml)
 
 
 def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -350,12 +367,20 @@ def _commit(root: Path, staging: Path, request: SaveRequest) -> None:
         fsync_file(path)  # the rename below must not outlive the data it names
     fsync_dir(staging)
     final = root / tag_of(request.step)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # re-saving a step (a resume from an earlier checkpoint): replace it whole, atomically
+        owner = _run_id(final)
+        if owner != request.run_id:
+            raise CheckpointError(f"{final} belongs to another run ({owner}); refusing to replace it")
+        old = root / STAGING / f"replaced-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(staging, final)
     fsync_dir(root)
     write_pointer(root, final.name)
-    prune(root, request.keep, request.run_id, protect=final.name)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    prune(root, request.keep, request.run_id, current=request.step)
 
 
 def write_pointer(root: Path, tag: str) -> None:
@@ -363,20 +388,29 @@ def write_pointer(root: Path, tag: str) -> None:
     write_text_atomic(root / LATEST, tag)
 
 
-def prune(ckpt_root: Path, keep: int, run_id: str, protect: str) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints of run ``run_id``; others' are never touched."""
-    ours = []
-    for path in checkpoint_dirs(ckpt_root):
-        try:
-            if read_manifest(path).get("run_id") == run_id:
-                ours.append(path)
-        except CheckpointError:
-            continue  # not provably ours: keep it
+def _run_id(folder: Path) -> str | None:
+    try:
+        return read_manifest(folder).get("run_id")
+    except CheckpointError:
+        return None  # not provably anyone's
+
+
+def prune(ckpt_root: Path, keep: int, run_id: str, current: int) -> list[str]:
+    """Keep the newest ``keep`` checkpoints of run ``run_id`` up to step ``current``; others' are never touched.
+
+    Checkpoints of this run *after* ``current`` are a future this run abandoned when it resumed from an
+    earlier one: they are moved to ``.staging/superseded/`` (kept, but never resumed from or counted).
+    """
+    ours = [p for p in checkpoint_dirs(ckpt_root) if _run_id(p) == run_id]
     removed = []
-    for path in ours[keep:]:
-        if path.name != protect:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+    for path in (p for p in ours if int(p.name) > current):
+        aside = ckpt_root / STAGING / "superseded" / path.name
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+    for path in [p for p in ours if int(p.name) <= current][keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
     return removed
 
 

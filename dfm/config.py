@@ -188,6 +188,12 @@ def _coerce_bool(value, key: str):
 def _coerce_int(value, key: str):
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    try:  # 5e7 (YAML reads it as a string) or 5.0e7: an integer written as a number
+        number = float(value) if isinstance(value, (str, float)) else None
+    except ValueError:
+        number = None
+    if number is not None and math.isfinite(number) and number.is_integer():
+        return int(number)
     raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
 
 
@@ -371,6 +377,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges a mapping: not a key given twice
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")

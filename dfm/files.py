@@ -100,11 +100,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> None:
     with atomic_open(path, "w") as f:
         json.dump(data, f, indent=indent)
@@ -203,7 +198,6 @@ __all__ = [
     "log_once",
     "replace_durably",
     "temporary_name",
-    "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]

@@ -46,6 +46,8 @@ HOST_READ_OPS = {
     aten._unique,
     aten._unique2,
     aten.repeat_interleave,
+    aten.bincount,
+    aten.histc,
 }
 # Indexing with a boolean mask (x[mask], x[mask] = v) must count the mask's True entries on the host first.
 MASK_INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
@@ -97,6 +99,12 @@ def _device_of(value) -> torch.device | None:
     return value.device if isinstance(value, torch.Tensor) else None
 
 
+def _device_value(args) -> bool:
+    """masked_fill's value given as a tensor on an accelerator: read back to the host to fill with."""
+    value = args[2] if len(args) > 2 else None
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+
+
 def _has_mask_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
@@ -132,6 +140,7 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.report = SyncReport()
         self._patches = contextlib.ExitStack()
+        self._in_barrier = False  # DeepSpeed's CUDA synchronize calls torch.cuda.synchronize: one barrier, one record
 
     def _record(self, what: str) -> None:
         self.report.records.append(SyncRecord(what, *_call_site()))
@@ -143,6 +152,8 @@ class HostSyncCounter(TorchDispatchMode):
             self._record(str(packet))
         elif packet in MASK_INDEX_OPS and _has_mask_index(args):
             self._record(f"{packet} with a boolean mask")
+        elif packet in (aten.masked_fill, aten.masked_fill_) and _device_value(args):
+            self._record(f"{packet} with a device tensor as the value")
         elif packet is FROM_HOST_DATA:
             self._record("torch.tensor from host data")
         elif packet in COPY_OPS:
@@ -158,8 +169,14 @@ class HostSyncCounter(TorchDispatchMode):
             return
 
         def counted(*args, **kwargs):
+            if self._in_barrier:
+                return original(*args, **kwargs)
             self._record(label)
-            return original(*args, **kwargs)
+            self._in_barrier = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_barrier = False
 
         setattr(owner, name, counted)
         self._patches.callback(setattr, owner, name, original)

@@ -197,7 +197,6 @@ def band_placeholders(x: Tensor, stages: int) -> list[Tensor]:
 
     Lets the objective draw the noise before the (fused) decomposition without computing the bands.
     """
-    if x.dim() != 4:
-        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    reference.check_input(x, stages)
     B, C, H, W = x.shape
     return [x.new_empty(()).expand(B, C, h, w) for h, w in reference.stage_shapes(H, W, stages)]

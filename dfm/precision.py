@@ -13,12 +13,13 @@ machines and ran ~40x slower than fp32 (2-core AMD EPYC).
 from __future__ import annotations
 
 import contextlib
+import typing
 from typing import Literal
 
 import torch
 
 Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 

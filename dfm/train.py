@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dfm import checkpoint
 from dfm.objective import DFMObjective
-from dfm.precision import autocast, resolve_precision
+from dfm.precision import resolve_precision
 from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid
 
 
@@ -130,6 +130,7 @@ class Trainer:
             checkpoint.set_rng_state(self.state.rng)
 
     def save(self) -> Path:
+        t = self.cfg.train
         self.state.loader = self.loader.state_dict()
         self.state.rng = checkpoint.rng_state()
         request = checkpoint.SaveRequest(
@@ -137,8 +138,8 @@ class Trainer:
             run_id=self.run_id,
             trainer_state=vars(self.state),
             config_yaml=self.config_yaml,
-            layout={"world_size": self.world_size, "zero_stage": self.cfg.train.zero_stage},
-            keep=self.cfg.train.keep_ckpts,
+            layout={"world_size": self.world_size, "zero_stage": t.zero_stage, "offload": t.offload},
+            keep=t.keep_ckpts,
         )
         return checkpoint.save_checkpoint(self.ckpt_root, request, self.engine_state, self.ema)
 
@@ -167,9 +168,9 @@ class Trainer:
             x, y = next(data)
             x = x.to(self.device, torch.float32, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            # bf16 matmuls and attention under autocast; pyramid, noising, targets and loss stay fp32
-            with autocast(self.device, self.precision):
-                loss, _ = self.objective(self.engine, x, y, generator=self.seed_draws(self.state.step, micro))
+            # under bf16 the engine's forward runs in autocast (its torch_autocast section); the pyramid,
+            # noising, targets and loss around it stay fp32
+            loss, _ = self.objective(self.engine, x, y, generator=self.seed_draws(self.state.step, micro))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
             loss_sum += loss.detach()

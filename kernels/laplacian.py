@@ -29,7 +29,6 @@ from torch import Tensor
 from . import MAX_NUMEL, reference
 from .common import STENCIL_TILE, STENCIL_WARPS, rounded, store_rounded, tile_shape
 from .noising import noise_epilogue
-from .reference import check_divisible
 
 # -- kernels ------------------------------------------------------------------------------------------
 
@@ -291,9 +290,7 @@ def down_level(
 
 def check_input(x: Tensor, stages: int) -> None:
     """A (B, C, H, W) tensor whose sides the pyramid divides and whose size the kernels can index."""
-    if x.dim() != 4:
-        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    check_divisible(x.shape[-2], x.shape[-1], stages)
+    reference.check_input(x, stages)
     if x.numel() > MAX_NUMEL:
         raise ValueError(f"{x.numel()} elements exceed the kernels' int32 indexing ({MAX_NUMEL})")
 

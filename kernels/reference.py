@@ -66,6 +66,13 @@ def check_divisible(height: int, width: int, stages: int, patch_size: int | None
         )
 
 
+def check_input(x: Tensor, stages: int) -> None:
+    """Raise ValueError unless ``x`` is a (B, C, H, W) tensor whose sides a ``stages``-level pyramid divides."""
+    if x.dim() != 4:
+        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    check_divisible(x.shape[-2], x.shape[-1], stages)
+
+
 def stage_shapes(height: int, width: int, stages: int) -> list[tuple[int, int]]:
     """Spatial size (H_s, W_s) of every stage, coarsest first."""
     check_divisible(height, width, stages)
@@ -90,9 +97,7 @@ def decompose(x: Tensor, stages: int, level: Callable[[Tensor], tuple[Tensor, Te
     between resolution H / 2^(S-s) and H / 2^(S-1-s). ``recompose(decompose(x, S)) == x`` up to rounding.
     ``level`` computes one level (the fused kernel passes its own; the algorithm stays this one).
     """
-    if x.dim() != 4:
-        raise ValueError(f"decompose expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    check_divisible(x.shape[-2], x.shape[-1], stages)
+    check_input(x, stages)
     bands, cur = [], x
     for _ in range(stages - 1):
         cur, band = level(cur)

@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from dfm import distributed
 from dfm.checkpoint import CheckpointError, read_manifest
 
 UNIVERSAL = "universal"
@@ -41,18 +41,13 @@ DEEPSPEED_GLOBALS = frozenset(
 )
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def audit_engine_files(folder: str | Path) -> None:
-    """Refuse ``folder`` if any ``.pt`` file in it would import a global outside ``DEEPSPEED_GLOBALS``."""
-    for path in sorted(Path(folder).rglob("*.pt")):
+def audit_engine_files(folder: str | Path, skip: tuple[str, ...] = (UNIVERSAL,)) -> None:
+    """Refuse ``folder`` if any ``.pt`` file in it (but in the subfolders ``skip``) would import a global
+    outside ``DEEPSPEED_GLOBALS``."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.pt")):
+        if path.relative_to(folder).parts[0] in skip:
+            continue
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as err:  # not a zip archive, truncated central directory, ...
@@ -71,17 +66,19 @@ def saved_layout(ckpt_dir: str | Path) -> tuple[int, int]:
     return int(manifest["world_size"]), int(manifest["zero_stage"])
 
 
-def needs_universal(ckpt_dir: str | Path, world_size: int, zero_stage: int) -> bool:
+def needs_universal(ckpt_dir: str | Path, world_size: int, zero_stage: int, offload: bool = False) -> bool:
     """Whether resuming ``ckpt_dir`` at ``world_size`` must go through a universal checkpoint.
 
     ZeRO shards are tied to the world size that wrote them; a ZeRO-0 checkpoint is not. Changing the ZeRO
-    stage on resume is refused: DeepSpeed does not document it as supported.
+    stage or ZeRO-Offload on resume is refused: DeepSpeed does not document it as supported, and loading
+    would take the saved engine's clipping setting (0 where our optimizer clipped) for the new optimizer.
     """
     saved_world, saved_stage = saved_layout(ckpt_dir)
-    if saved_stage != zero_stage:
+    saved_offload = bool(read_manifest(ckpt_dir).get("offload", False))
+    if (saved_stage, saved_offload) != (zero_stage, offload):
         raise CheckpointError(
-            f"{ckpt_dir} was written with train.zero_stage={saved_stage}; resume it with the same stage "
-            f"(got {zero_stage})"
+            f"{ckpt_dir} was written with train.zero_stage={saved_stage}, train.offload={saved_offload}; resume it "
+            f"with the same (got {zero_stage}, {offload})"
         )
     return zero_stage > 0 and saved_world != world_size
 
@@ -94,7 +91,10 @@ def to_universal(ckpt_dir: str | Path) -> Path:
     """
     ckpt_dir = Path(ckpt_dir)
     out = ckpt_dir / UNIVERSAL
-    if _rank() == 0 and not out.is_dir():
+
+    def convert() -> None:
+        if out.is_dir():
+            return
         print(f"dfm train: converting {ckpt_dir} to DeepSpeed's universal checkpoint (another world size)")
         scratch = ckpt_dir / f".{UNIVERSAL}.tmp"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -103,10 +103,12 @@ def to_universal(ckpt_dir: str | Path) -> Path:
                "--inject_missing_state"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise CheckpointError(f"universal conversion of {ckpt_dir} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+            tail = " ".join((done.stdout + done.stderr)[-1500:].split())
+            raise CheckpointError(f"universal conversion of {ckpt_dir} failed: {tail}")
         (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass the tag
         os.replace(scratch, out)
-    _barrier()
+
+    distributed.agree(convert)  # rank 0 converts; a failure stops every rank
     return out
 
 
@@ -122,12 +124,13 @@ class DeepSpeedState:
 
     def load(self, folder: Path) -> None:
         folder = Path(folder)
-        audit_engine_files(folder)
         if self.engine.load_universal_checkpoint():
+            audit_engine_files(folder)  # before the conversion, which unpickles the shards
             to_universal(folder)
-            audit_engine_files(folder / UNIVERSAL)
+            audit_engine_files(folder / UNIVERSAL, skip=())
             load_path, _ = self.engine.load_checkpoint(str(folder), tag=UNIVERSAL)
         else:
+            audit_engine_files(folder)
             load_path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no engine state in {folder}")
@@ -136,15 +139,15 @@ class DeepSpeedState:
     def weights(self) -> dict[str, torch.Tensor]:
         """The full trained weights on rank 0 (fp32, CPU); a collective under ZeRO-3, which gathers each
         parameter in turn (one parameter's full size at a time, not the whole model)."""
-        module = self.engine.module
+        module, rank = self.engine.module, distributed.rank()
         if self.zero_stage < 3:
-            return {k: v.detach().cpu() for k, v in module.state_dict().items()} if _rank() == 0 else {}
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else {}
         import deepspeed
 
         out = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if _rank() == 0:
+                if rank == 0:
                     out[name] = param.detach().float().cpu().clone()
         return out
 

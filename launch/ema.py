@@ -25,6 +25,7 @@ class ModelEMA:
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self._targets = list(self.model.parameters())
 
+    @torch.no_grad()  # the lerp must not record autograd history: it would chain every step's EMA to the last
     def update_(self, model: torch.nn.Module, decay: float) -> None:
         # the module's parameters are the fp32 master weights just updated: read as they are, no copies
         torch._foreach_lerp_(self._targets, list(model.parameters()), 1.0 - decay)

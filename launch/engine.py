@@ -39,16 +39,22 @@ Choices made here, each with its reason:
   5e8: with 5e8 the first bucket of SiT-XL/2 (675 M gradients) would fill only after three quarters of
   backward, leaving little to overlap; 5e7 gives 14 reductions per step, each large enough for NCCL to run
   near its bandwidth, and overlap_comm's two bucket buffers cost 400 MB instead of 4 GB.
-- Precision: the engine is fp32 at every stage and bf16 comes only from ``torch.autocast`` around the
-  forward (``dfm.precision``), as in the reference. DeepSpeed's ``bf16`` section would instead cast the
-  module to bf16 (bf16 residual stream, noising, targets and loss, an EMA of bf16 weights) and at ZeRO 0
-  wrap the optimizer in a per-tensor loop with a host read per parameter; its ``torch_autocast`` section
-  keeps fp32 weights but reduces the gradients of every Linear/Conv in bf16 and exists only per process
-  (module globals). An fp32 engine runs the same, best-tested code path at ZeRO 0-3, and gradients are
-  reduced in fp32, like the reference's DDP.
-- Host syncs: none in a non-logging step at ZeRO 0-2 (``tests/test_host_sync.py`` counts them on the real
-  step): the throughput timer is off, clipping is ``dfm.optim.ClippedAdamW``'s (``optimizer_clips``), and
-  the optimizer is torch's fused AdamW. ZeRO 3 keeps DeepSpeed's two per step (see the test).
+- Precision: the engine's weights, optimizer state and gradients are fp32 at every stage, and bf16 comes
+  only from ``torch.autocast`` around the model's forward (``dfm.precision``), as in the reference.
+  DeepSpeed's ``bf16`` section would instead cast the module to bf16 (bf16 residual stream, an EMA of
+  bf16 weights) and at ZeRO 0 wrap the optimizer in a per-tensor loop with a host read per parameter.
+  The autocast is DeepSpeed's ``torch_autocast`` section, not one around the call: ``engine.forward``
+  switches an outer CUDA autocast off unless that section enables its own. Its
+  ``lower_precision_safe_modules`` is empty, so no parameter gets a bf16 communication dtype: gradients
+  are reduced in fp32, like the reference's DDP. The pyramid, noising, targets and loss run outside it.
+- Host syncs: none of ours or DeepSpeed's in a non-logging step at ZeRO 0-2 (``tests/test_host_sync.py``
+  counts them on the real step): the throughput timer is off, clipping is ``dfm.optim.ClippedAdamW``'s
+  (``optimizer_clips``), and the optimizer is torch's fused AdamW. Two exceptions, pinned in that test:
+  ZeRO 3 reads the gradient norm back twice per step, and on CUDA ``overlap_comm`` synchronises the device
+  once per backward (ZeRO 2; per step at ZeRO 1) to close the reduction it ran on a side stream. That
+  wait comes at the end of backward, when the GPU has the reduction queued anyway; we keep overlap on for
+  the multi-GPU recipes because it hides the gradient traffic, and ``train.overlap_comm=false`` removes
+  the wait at the cost of reducing after each bucket on the compute stream.
 - ZeRO-Offload (``train.offload``) refuses a client optimizer, so under offload the optimizer is declared
   in the generated config instead: DeepSpeed's CPU Adam on CUDA machines (a C++ op, built on first use)
   and ``torch.optim.AdamW`` on a CPU-only machine, where the "device" already is the host.
@@ -73,6 +79,7 @@ import torch.distributed as dist
 from dfm.launch.ema import ModelEMA, ZeRO3EMA
 
 from dfm.config import Config, ConfigError
+from dfm.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +187,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
     }
+    if resolve_precision(t.precision, training_device()) == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if t.offload:
         on_gpu = training_device().type == "cuda"
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}

@@ -28,10 +28,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from dfm import generation
+from dfm import distributed, generation
 from dfm.config import ConfigError, SampleConfig
 from dfm.files import FolderLock, LockedError
 from dfm.precision import PRECISIONS, resolve_precision
@@ -94,19 +93,6 @@ def _device(requested: str) -> torch.device:
     return training_device()
 
 
-def _broadcast_error(message: str | None) -> str | None:
-    """Rank 0's error (or None) on every rank, so that all ranks stop together instead of hanging."""
-    box = [message]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def load(args: argparse.Namespace, device: torch.device):
     """(model on ``device``, run config, resolved checkpoint path, VAE or None); errors name what is wrong."""
     from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
@@ -146,32 +132,32 @@ def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str)
     }
 
 
-def _open_parts(args, cfg, ckpt: Path, precision: str, rank: int) -> FolderLock | None:
+def _open_parts(args, cfg, ckpt: Path, precision: str) -> FolderLock | None:
     """Rank 0 locks ``<out>.parts`` for the job and checks its settings; every rank stops on its error."""
     parts = generation.parts_dir(Path(args.out))
-    lock, error = None, None
-    if rank == 0:
-        try:
-            generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
-            lock = FolderLock(parts, "dfm generate").acquire()
-            generation.clean_temporaries(parts)
-            for bad, why in generation.discard_bad_shards(parts):
-                print(f"dfm generate: redoing {bad.name} ({why})")
-        except (generation.ManifestMismatch, ValueError, LockedError) as err:
-            error = str(err)
-    error = _broadcast_error(error)
-    if error:
-        if lock is not None:
+    held: list[FolderLock] = []
+
+    def decide() -> None:
+        generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
+        held.append(FolderLock(parts, "dfm generate").acquire())
+        generation.clean_temporaries(parts)
+        for bad, why in generation.discard_bad_shards(parts):
+            print(f"dfm generate: redoing {bad.name} ({why})")
+
+    try:
+        distributed.agree(decide)
+    except (ValueError, LockedError) as err:  # the settings differ, or another job holds the folder
+        for lock in held:
             lock.release()
-        raise ConfigError(error)
-    return lock
+        raise ConfigError(str(err)) from None
+    return held[0] if held else None
 
 
 def _my_pieces(args, parts: Path, rank: int, world_size: int) -> tuple[list, int, int]:
     """(this rank's pieces, indices already done, pieces left in all); every rank computes the same plan."""
     done = generation.scan_shards(parts)
     pieces = generation.plan_pieces(generation.missing_ranges(done, args.num_samples), args.batch_size)
-    _barrier()  # every rank has listed the shards before any rank writes one: all hold the same plan
+    distributed.barrier()  # every rank has listed the shards before any rank writes one: all hold the same plan
     mine = generation.rank_pieces(pieces, rank, world_size)
     if args.max_batches is not None:
         mine = mine[: args.max_batches]
@@ -221,7 +207,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         return out
     precision = resolve_precision(args.precision, device)
     model, cfg, ckpt, vae = load(args, device)
-    lock = _open_parts(args, cfg, ckpt, precision, rank)
+    lock = _open_parts(args, cfg, ckpt, precision)
     try:
         mine, done_before, left = _my_pieces(args, parts, rank, world_size)
         sampler = generation.IndexSampler(
@@ -241,7 +227,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         )
         tic = time.perf_counter()
         _sample_pieces(sampler, mine, parts, rank, bar, args.batch_size)
-        _barrier()
+        distributed.barrier()
         if rank != 0:
             return None
         return _merge(args, parts, out, done_before, time.perf_counter() - tic, bar)

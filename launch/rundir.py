@@ -18,12 +18,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 import yaml
 
-from dfm import checkpoint
+from dfm import checkpoint, distributed
 from dfm.config import Config, ConfigError, config_from_dict
-from dfm.files import FolderLock, LockedError
+from dfm.files import FolderLock
 
 OUTPUTS = ("checkpoints", "tb", "samples", "config.yaml")
 # Keys that define the model or the engine layout: a checkpoint cannot be resumed under other values.
@@ -48,8 +47,12 @@ def _flatten(prefix: str, value) -> dict:
 def check_resume_config(cfg: Config, ckpt_dir: Path) -> None:
     """Refuse to resume ``ckpt_dir`` with a config that builds another model, naming the differing keys."""
     saved_file = ckpt_dir / checkpoint.CONFIG_FILE
-    saved = config_from_dict(yaml.safe_load(saved_file.read_text())).to_dict()
-    saved["dfm"]["stages_count"] = config_from_dict(saved).stages  # compare the resolved stage counts
+    try:
+        saved_cfg = config_from_dict(yaml.safe_load(saved_file.read_text()))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ConfigError(f"{saved_file}: {' '.join(str(err).split())}") from None
+    saved = saved_cfg.to_dict()
+    saved["dfm"]["stages_count"] = saved_cfg.stages  # compare the resolved stage counts
     mine = cfg.to_dict()
     mine["dfm"]["stages_count"] = cfg.stages
     diffs = []
@@ -71,9 +74,12 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
     """Rank 0's checks and choice of the checkpoint to resume (None: start at step 0); see the module docstring."""
     run_dir = cfg.run_dir
     if resume:
-        found = Path(ckpt) if ckpt else checkpoint.find_resumable(run_dir / "checkpoints", report=print)
-        if found is not None:
+        if ckpt:
+            found = Path(ckpt)
             checkpoint.verify(found)
+        else:
+            found = checkpoint.find_resumable(run_dir / "checkpoints", report=print)  # verified
+        if found is not None:
             check_resume_config(cfg, found)
         elif has_outputs(run_dir):
             raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; use --overwrite to start afresh")
@@ -102,31 +108,19 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} is not writable ({err.strerror}): checkpoints could not be saved") from None
 
 
-def agree(rank: int, decide):
-    """Rank 0 runs ``decide()``; every rank gets its result, or every rank raises its error."""
-    box = [None, None]
-    if rank == 0:
-        try:
-            box[0] = decide()
-        except (ConfigError, checkpoint.CheckpointError, LockedError, OSError) as err:
-            box[1] = err
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
-
-
-def open_run(cfg: Config, rank: int, resume: bool, ckpt: str | None, overwrite: bool):
+def open_run(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool):
     """Lock the run folder (rank 0) and :func:`prepare` it; returns ``(lock or None, checkpoint to resume)``."""
     held: list[FolderLock] = []
 
     def decide():
-        held.append(FolderLock(cfg.run_dir, "training run").acquire())
+        try:
+            held.append(FolderLock(cfg.run_dir, "training run").acquire())
+        except OSError as err:  # the lock file is the first thing written: a folder we cannot write
+            raise ConfigError(f"{cfg.run_dir} is not writable ({err.strerror or err}): nothing was started") from None
         return prepare(cfg, resume, ckpt, overwrite)
 
     try:
-        found = agree(rank, decide)
+        found = distributed.agree(decide)
     except BaseException:
         for lock in held:
             lock.release()
@@ -134,4 +128,4 @@ def open_run(cfg: Config, rank: int, resume: bool, ckpt: str | None, overwrite: 
     return (held[0] if held else None), found
 
 
-__all__ = ["agree", "check_resume_config", "check_writable", "has_outputs", "open_run", "prepare"]
+__all__ = ["check_resume_config", "check_writable", "has_outputs", "open_run", "prepare"]

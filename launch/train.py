@@ -16,6 +16,7 @@ Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA -
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,15 +46,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def finetune_source(ckpt: str | None) -> Path | None:
     """``--ckpt`` when it names a model to start from rather than a run to resume: a directory with weights and
-    a config but no trainer state (``dfm import``), or an exported ``.safetensors``."""
+    a config but no checkpoint manifest (``dfm import``), or an exported ``.safetensors``."""
     if not ckpt:
         return None
+    from dfm import checkpoint
+
     path = Path(ckpt)
     if path.is_dir():
-        from dfm import checkpoint
-
-        resumable = checkpoint.trainer_file(path, 0).is_file()
-        return path if (path / "ema.safetensors").is_file() and not resumable else None
+        resumable = (path / checkpoint.MANIFEST).is_file()  # what every save writes last
+        return path if (path / checkpoint.EMA_FILE).is_file() and not resumable else None
     return path if path.suffix == ".safetensors" and path.is_file() else None
 
 
@@ -70,13 +71,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str], init: Path | None
     if unknown:
         raise ConfigError(f"unknown flag(s) {unknown}; config keys are set as key=value")
     overrides = list(args.overrides) + [a for a in extra if "=" in a]
-    flags = []
+    flags = []  # values quoted (JSON strings are YAML strings): --exp-name 0001 or off stays a name
     if args.model:
-        flags.append(f"model={args.model}")
+        flags.append(f"model={json.dumps(args.model)}")
     if args.exp_name:
-        flags.append(f"exp_name={args.exp_name}")
+        flags.append(f"exp_name={json.dumps(args.exp_name)}")
     if args.data_dir:
-        flags += ["data.kind=latents", f"data.data_dir={args.data_dir}"]
+        flags += ["data.kind=latents", f"data.data_dir={json.dumps(str(args.data_dir))}"]
     base = args.config if args.config or init is None else _saved_config_file(init)
     return load_config(base, flags + overrides)
 
@@ -134,7 +135,9 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = (init.train() if init is not None else DFMSiT.from_config(cfg)).to(device)
-    universal = resume_from is not None and needs_universal(resume_from, world_size, cfg.train.zero_stage)
+    universal = resume_from is not None and needs_universal(
+        resume_from, world_size, cfg.train.zero_stage, cfg.train.offload
+    )
     engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
     loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)
 
@@ -159,7 +162,7 @@ def run(
     from dfm.launch.rundir import open_run
 
     rank, _ = setup_distributed()
-    lock, resume_from = open_run(cfg, rank, resume, ckpt, overwrite)
+    lock, resume_from = open_run(cfg, resume, ckpt, overwrite)
     try:
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dfm.launch import rundir
 from dfm.launch.checkpoint import audit_engine_files
 from dfm.launch.train import run
 from safetensors.torch import save_file
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from dfm import checkpoint
 from dfm.checkpoint import CheckpointError, NonFiniteError
 from dfm.config import ConfigError, load_config
-from dfm.files import FolderLock
+from dfm.files import FolderLock, LockedError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -138,9 +137,68 @@ def test_rotation_deletes_only_this_runs_older_checkpoints(tmp_path):
     for step in (2, 4, 6):
         fake_checkpoint(root, step, run_id="mine")
     (fake_checkpoint(root, 3, run_id="mine") / checkpoint.MANIFEST).unlink()  # unprovable ownership: kept
-    removed = checkpoint.prune(root, keep=1, run_id="mine", protect="0000006")
+    removed = checkpoint.prune(root, keep=1, run_id="mine", current=6)
     assert sorted(removed) == ["0000002", "0000004"]
     assert sorted(p.name for p in checkpoint.checkpoint_dirs(root)) == ["0000001", "0000003", "0000006"]
+
+
+def test_a_future_abandoned_by_a_resume_is_set_aside_not_counted(tmp_path):
+    """Resumed from 4 (say 6 was corrupt) and saving 5 with keep=2: 4 and 5 stay, 6 is moved out of the way
+    (kept, never resumed from), instead of 6 counting as one of the two newest and 4 being deleted."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 5, 6):
+        fake_checkpoint(root, step, run_id="mine")
+    checkpoint.prune(root, keep=2, run_id="mine", current=5)
+    assert [p.name for p in checkpoint.checkpoint_dirs(root)] == ["0000005", "0000004"]
+    assert (root / checkpoint.STAGING / "superseded" / "0000006").is_dir()
+
+
+class WeightsOnly:
+    """The smallest EngineState: no engine files, the given weights as the trained ones."""
+
+    def __init__(self, weights: dict):
+        self._weights = weights
+
+    def save(self, folder: Path) -> None:
+        pass
+
+    def load(self, folder: Path) -> None:
+        pass
+
+    def weights(self) -> dict:
+        return self._weights
+
+    def state_dict(self) -> dict:  # doubles as the EMA
+        return self._weights
+
+
+def request(step: int, run_id: str = "mine") -> checkpoint.SaveRequest:
+    state = {"step": step, "loader": {}, "rng": {}}
+    return checkpoint.SaveRequest(step, run_id, state, "model: x\n", {"world_size": 1, "zero_stage": 0}, keep=5)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = WeightsOnly({"w": torch.ones(3)})
+    checkpoint.save_checkpoint(root, request(2), good, good)
+    bad = WeightsOnly({"w": torch.tensor([1.0, float("nan"), 2.0])})
+    with pytest.raises(NonFiniteError, match="step 4: the weights or the EMA are not finite"):
+        checkpoint.save_checkpoint(root, request(4), bad, good)
+    assert [p.name for p in checkpoint.checkpoint_dirs(root)] == ["0000002"] and (
+        root / "latest"
+    ).read_text() == "0000002"
+    assert not (root / checkpoint.STAGING / "0000004").exists()
+
+
+def test_a_step_saved_by_another_run_is_not_replaced(tmp_path):
+    root = tmp_path / "checkpoints"
+    weights = WeightsOnly({"w": torch.ones(3)})
+    checkpoint.save_checkpoint(root, request(2, run_id="theirs"), weights, weights)
+    with pytest.raises(CheckpointError, match=r"0000002 belongs to another run \(theirs\)"):
+        checkpoint.save_checkpoint(root, request(2, run_id="mine"), weights, weights)
+    assert checkpoint.read_manifest(root / "0000002")["run_id"] == "theirs"
+    checkpoint.save_checkpoint(root, request(2, run_id="theirs"), WeightsOnly({"w": torch.zeros(3)}), weights)
+    assert torch.equal(checkpoint.load_model_weights(root / "0000002")["w"], torch.zeros(3))  # its own: replaced
 
 
 def test_rng_and_trainer_state_round_trip_as_json():
@@ -282,7 +340,7 @@ def test_raw_weights_and_sampling_read_no_pickle(runs, tmp_path):
 def test_a_second_run_on_the_same_folder_refuses_at_once(tmp_path):
     cfg = tiny(tmp_path, "exp_name=busy", "train.max_steps=2")
     with FolderLock(cfg.run_dir, "training run"):  # as a first `dfm train` holds it
-        with pytest.raises(rundir.LockedError, match=rf"{cfg.run_dir} is in use by pid {os.getpid()}"):
+        with pytest.raises(LockedError, match=rf"{cfg.run_dir} is in use by pid {os.getpid()}"):
             run(cfg)
     assert not (cfg.run_dir / "checkpoints").exists()  # the second run touched nothing
     run(cfg)  # released: the folder is usable again

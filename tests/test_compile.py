@@ -168,4 +168,4 @@ def test_cuda_bf16_compiled_step_matches_eager_and_uses_fused_adamw():
         ok, errs = _within(results["compiled"][2][name], results["eager"][2][name], r, atol=1e-3 * r.abs().max().item())
         assert ok, f"grad of {name} (bf16): {errs}"
     opt = make_optimizer(compiled.parameters(), lr=1e-4)
-    assert opt.defaults["fused"] or optimizer_impl("cuda") == "apex"
+    assert opt.defaults["fused"] and optimizer_impl("cuda") == "torch_fused"

@@ -3,7 +3,9 @@
 ``dfm.host_sync.HostSyncCounter`` sees, below autograd and whoever the caller is (our code, DeepSpeed,
 torch's optimizers), every operator that reads device memory on the host, every device-to-host or blocking
 host-to-device copy, every tensor built from host data and every explicit barrier. On a CPU-only machine
-each of these is what becomes a sync on an accelerator, so the counts below hold on CUDA as well.
+each of these is what becomes a sync on an accelerator. One kind only exists on an asynchronous device:
+DeepSpeed's ``overlap_comm`` (ZeRO 1/2) waits for its reduction stream at the end of backward, a branch its
+CPU accelerator never takes; ``test_overlap_comm_waits_once_per_backward_on_cuda`` pins it on a GPU.
 """
 
 from __future__ import annotations
@@ -99,6 +101,24 @@ def test_training_step_has_no_host_sync(tmp_path, stage, precision):
         assert syncs.report.count == 0, syncs.report
     else:
         assert by_function(syncs) == ZERO3_SYNCS, syncs.report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: only an asynchronous device takes this path")
+@pytest.mark.parametrize("stage, overlap", [(1, True), (1, False), (2, True), (2, False)])
+def test_overlap_comm_waits_once_per_backward_on_cuda(tmp_path, stage, overlap):
+    """DeepSpeed's overlap_comm synchronises the device when it closes each gradient reduction (ZeRO 2: every
+    micro-step; ZeRO 1: the accumulation boundary): the price of reducing on a side stream during backward.
+    Without overlap there is none."""
+    trainer = build(
+        tmp_path, f"exp_name=o{stage}{overlap}", f"train.zero_stage={stage}", f"train.overlap_comm={overlap}"
+    )
+    syncs = count_steps(trainer)
+    if not overlap:
+        assert syncs.report.count == 0, syncs.report
+        return
+    expected = STEPS * (trainer.accum_steps if stage == 2 else 1)
+    assert syncs.report.count == expected, syncs.report
+    assert all("independent_gradient_partition_epilogue" in r.callers for r in syncs.report.records)
 
 
 def test_an_item_added_to_the_step_is_caught(tmp_path, monkeypatch):

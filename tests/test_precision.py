@@ -56,6 +56,32 @@ def trainer(tmp_path, precision):
     return build_trainer(cfg)
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_engine_runs_the_model_under_autocast(tmp_path, precision, dtype):
+    """bf16 reaches the model through the engine's own forward (an autocast around the call would not: on CUDA
+    DeepSpeed's forward switches an outer autocast off), while the weights stay fp32."""
+    run = trainer(tmp_path, precision)
+    x, y = next(iter(run.loader))
+    draw = run.objective.draw(_bands(run, x), y)
+    v = run.engine(draw.eps, draw.t, draw.y, draw.mask)
+    assert all(v_s.dtype == dtype for v_s in v)
+    assert all(p.dtype == torch.float32 for p in run.engine.module.parameters())
+
+
+def _bands(run, x):
+    from dfm import ops
+
+    return ops.band_placeholders(x, run.objective.stages)
+
+
+def test_ema_update_records_no_autograd_history(tmp_path):
+    run = trainer(tmp_path, "fp32")
+    data = iter(run.loader)
+    for _ in range(2):
+        run.train_step(data)
+    assert all(not p.requires_grad and p.grad_fn is None for p in run.ema.module().parameters())
+
+
 def test_ema_follows_the_fp32_master_weights_under_autocast(tmp_path):
     run = trainer(tmp_path, "bf16")
     data, decay = iter(run.loader), run.cfg.train.ema_decay
