@@ -145,6 +145,9 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            # Emptied first: a free lock names no holder, and a process that was refused the folder's use
+            # leaves the file as it found it (a crash leaves the name; the kernel still drops the flock).
+            os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
