@@ -7,10 +7,15 @@ Many nodes:              deepspeed --hostfile launch/hostfile.example --master_a
                              launch/train.py --config C --data-dir DATA    (see launch/scripts/)
 Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
 Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
+                         (a folder that holds a run needs --resume, or --overwrite to replace it)
 Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA --exp-name E [--config C]
                          starts at step 0 from the weights of a model without trainer state (a directory
                          written by dfm import, or an exported .safetensors), with its saved config as the
                          base config; add --resume to continue such a run once it has checkpoints
+
+Before anything is built the config, the latent store (its shape and classes), the metrics backend and the
+run folder are checked; the folder is written to only once the engine is built and any checkpoint resumed
+(dfm.launch.rundir), so a refused or failed start leaves it as it was.
 """
 
 from __future__ import annotations
@@ -174,7 +179,10 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     trainer = Trainer(
         cfg, engine, ema, loader, accum, state, rank=rank, grad_norm=grad_norm, decoder=decoder, evaluator=evaluator
     )
-    trainer.num_params, trainer.notes = num_params, notes
+    evaluates = [evaluator is not None]  # rank 0 decides; every rank joins the evaluations' EMA gathers
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(evaluates, src=0)
+    trainer.evaluates, trainer.num_params, trainer.notes = evaluates[0], num_params, notes
     return trainer
 
 
@@ -244,6 +252,7 @@ def run(
         if resume_from is not None:
             trainer.resume(resume_from)
         if rank == 0:
+            lock.announce()  # the run has started: from here on the folder is its
             open_outputs(cfg, trainer, resume_from, threads)
             if resume:
                 found = f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint"
