@@ -147,6 +147,7 @@ class Trainer:
         self.cfg, self.engine, self.ema, self.loader = cfg, engine, ema, loader
         self.accum_steps, self.engine_state, self.rank = accum_steps, engine_state, rank
         self.grad_norm, self.decoder, self.evaluator = grad_norm, decoder, evaluator
+        self.evaluates = evaluator is not None  # the same on every rank (they all join the EMA's gather)
         self.writer: MetricsWriter | None = None
         self.config_yaml = config_text(cfg)
         self.device = next(engine.module.parameters()).device
@@ -307,7 +308,7 @@ class Trainer:
         t, tic = self.cfg.train, time.perf_counter()
         if _due(step, t.sample_every, t.max_steps):
             self.write_samples()
-        if _due(step, t.eval_every, t.max_steps):
+        if self.evaluates and _due(step, t.eval_every, t.max_steps):
             self.evaluate()
         if _due(step, t.ckpt_every, t.max_steps):
             self.save()

@@ -88,6 +88,7 @@ class InceptionEvaluator:
             self.inception,
             device=self.device,
             save_ref_stats=None if has_stats else self.ref_stats,
+            progress=False,  # the run's log gets the scalars, not bars
         )
         samples.unlink()
         keys = ("fid", "sfid", "inception_score")
