@@ -54,28 +54,63 @@ class VaeSpec:
 
 
 def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = " ".join(str(err).split()).rstrip(".") or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
-    """Read the VAE's config (no weights) and return its spec; a local folder is recorded by absolute path.
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached, or None; a 5 s probe. Without it an
+    offline lookup retries for ~30 s before failing."""
+    import socket
+    from urllib.parse import urlparse
 
-    Raises :class:`VaeError` in one line when the config cannot be read: a missing folder, or a hub name
-    without network access or a local cache.
-    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as err:
+        return f"{url.hostname}: {_first_line(err)}"
+    return None
+
+
+def _load_config(source: str, subfolder: str | None, local_only: bool) -> dict:
+    import warnings
+
     from diffusers import AutoencoderKL
 
+    with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+        warnings.simplefilter("ignore")
+        return AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=local_only)
+
+
+def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
+    """Read the VAE's config (no weights) and return its spec; a local folder is recorded by absolute path, a hub
+    name is looked up in the Hugging Face cache first, then on the hub.
+
+    Raises :class:`VaeError` in one line when the config cannot be read: a folder that holds no VAE, or a hub
+    name neither cached nor reachable.
+    """
     local = Path(vae).expanduser()
     source = str(local.resolve()) if local.exists() else vae
     try:
-        config = AutoencoderKL.load_config(source, subfolder=subfolder)
+        config = _load_config(source, subfolder, local_only=True)
     except Exception as err:  # diffusers and huggingface_hub raise OSError, HFValidationError, HTTP errors...
-        where = "a local folder" if local.exists() else "not a local folder; as a hub name it"
-        raise VaeError(
-            f"VAE {vae!r} ({where}) cannot be read: {_first_line(err)}. A hub name needs the network or the "
-            "Hugging Face cache; or pass a local folder holding a diffusers AutoencoderKL (save_pretrained)"
-        ) from None
+        if local.exists():
+            raise VaeError(f"VAE folder {source} holds no diffusers AutoencoderKL: {_first_line(err)}") from None
+        offline = _hub_unreachable()
+        if offline is not None:
+            raise VaeError(
+                f"VAE {vae!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be reached "
+                f"({offline}): download it where there is network (huggingface-cli download {vae}), or pass a "
+                "local folder holding a diffusers AutoencoderKL (save_pretrained)"
+            ) from None
+        try:
+            config = _load_config(source, subfolder, local_only=False)
+        except Exception as err:
+            raise VaeError(f"VAE {vae!r} is not a local folder, and the hub has none: {_first_line(err)}") from None
     scaling = config.get("scaling_factor") or LATENT_SCALE
     shift = config.get("shift_factor") or 0.0
     return VaeSpec(source, subfolder, float(scaling), float(shift))
