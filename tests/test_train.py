@@ -205,6 +205,21 @@ def test_cli_train_then_sample(tmp_path, deterministic):
     export.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "w.safetensors")])
     sample.main(["--ckpt", str(tmp_path / "w.safetensors"), "--npz", str(tmp_path / "e.npz"), "--per-class", "2"])
     assert np.array_equal(np.load(tmp_path / "e.npz")["arr_0"], arr["arr_0"])
+    assert (tmp_path / "w.png").is_file()  # without --out: beside the exported file, as --help says
+
+
+def test_sample_writes_where_its_help_says(tmp_path):
+    from dfm.launch.sample import __doc__ as help_text
+    from dfm.launch.sample import default_out
+
+    ckpt = tmp_path / "run" / "checkpoints" / "0000004"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "imported").mkdir()
+    assert default_out(ckpt) == tmp_path / "run" / "samples" / "sample_0000004.png"
+    assert default_out(tmp_path / "imported") == tmp_path / "imported" / "samples.png"
+    assert default_out(tmp_path / "w.safetensors") == tmp_path / "w.png"
+    for place in ("<run>/samples/sample_<step>.png", "<dir>/samples.png", "F.png beside an exported"):
+        assert place in " ".join(help_text.split()), place
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):
