@@ -128,8 +128,11 @@ def test_cli_log_is_plain_lines_without_deepspeed_noise(tmp_path):
     assert "\r" not in out
     for noise in ("untested optimizer", "FutureWarning", "is deprecated", "built successfully", "[WARNING]"):
         assert noise not in out, (noise, out)
-    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    steps = [line for line in lines if "| loss " in line]
     assert [s.split(" |")[0] for s in steps] == ["step 2/4", "step 4/4"]
+    (evaluated,) = [line for line in lines if "eval/" in line]  # the digits config evaluates at the last step
+    assert evaluated.startswith("step 4/4 | eval/fd ") and "| eval/accuracy " in evaluated
     assert re.search(r"\| loss \d\.\d+ \| loss_stage0 .* \| grad_norm .* \| lr .* \| steps/s ", steps[0])
     start = done.stdout.split("step 2/4")[0]
     threads, why = choose_threads(env={})  # no OMP_NUM_THREADS: the process chooses
