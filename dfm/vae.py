@@ -124,11 +124,6 @@ def load_vae(vae: str, subfolder: str | None = None, device: str | torch.device 
     return model.to(device).eval().requires_grad_(False)
 
 
-def vae_scale(vae: str, subfolder: str | None = None) -> float:
-    """The VAE's ``scaling_factor`` from its config (0.18215 for the SD VAE); :class:`VaeError` if unreadable."""
-    return vae_spec(vae, subfolder).scaling_factor
-
-
 class LatentDecoder:
     """Model-space latents ``(N, C, h, w)`` -> images ``(N, 3, H, W)`` in [-1, 1] through the VAE of ``spec``,
     ``batch_size`` latents per decode call (bounds the decoder's activation memory)."""
@@ -193,6 +188,5 @@ __all__ = [
     "load_vae",
     "resolve_decoder",
     "store_vae",
-    "vae_scale",
     "vae_spec",
 ]

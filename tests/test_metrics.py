@@ -139,3 +139,17 @@ def test_cli_log_is_plain_lines_without_deepspeed_noise(tmp_path):
     for needle in ("M parameters", "world size 1", "precision fp32", "ZeRO 2", "effective batch 8 = 8 per micro-batch",
                    f"threads: {threads} per rank ({why})"):  # fmt: skip
         assert needle in start, (needle, start)
+
+
+def test_evaluation_is_chosen_by_the_data_and_said_when_off(tmp_path):
+    from dfm.evaluation.training import DigitsEvaluator, build_evaluator
+
+    assert build_evaluator(tiny(tmp_path, "train.eval_every=0")) == (None, "")
+    evaluator, note = build_evaluator(tiny(tmp_path, "train.eval_every=10"))
+    assert isinstance(evaluator, DigitsEvaluator) and note == "eval: every 10 steps, digits classifier on 500 samples"
+    latent = ["data.kind=latents", "data.data_dir=unused", "data.channels=4", "train.eval_every=10"]
+    evaluator, note = build_evaluator(tiny(tmp_path, *latent))
+    assert evaluator is None and note.startswith("eval: off for this latent run: train.eval_every needs train.eval_inc")
+    weights = ["train.eval_inception_weights=w.pth", "train.eval_ref=ref.npz"]
+    assert build_evaluator(tiny(tmp_path, *latent, *weights), decoder=None) == (
+        None, "eval: off: no VAE decodes the samples (see the samples line)")  # fmt: skip
