@@ -2,8 +2,9 @@
 
 One process:   dfm generate --ckpt runs/dfm-digits --num-samples 500 --out samples.npz
 One node:      torchrun --nproc_per_node 8 launch/generate.py --ckpt runs/dfm-sit-xl-256 \\
-                   --vae sd-vae-ft-ema --num-samples 50000 --batch-size 64 --out dfm-sit-xl-256.npz
+                   --num-samples 50000 --batch-size 64 --out dfm-sit-xl-256.npz   (the store's VAE decodes)
                (or: deepspeed --num_gpus 8 launch/generate.py ...)
+Imported:      dfm generate --ckpt imported/dfm-sit-xl-256 --vae stabilityai/sd-vae-ft-ema ...   (no store)
 Sampling keys of the run config can be overridden, with or without their ``sample.`` prefix:
                cfg_scale=1.5 num_steps_per_scale=[40,10] stage_sampling_thresholds=[0.1] guidance_high=0.7
                mode=sde num_steps=250   (the SiT baseline's Euler-Maruyama sampler)
