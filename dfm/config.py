@@ -28,7 +28,11 @@ DataKind = Literal["digits", "latents"]
 LoaderChoice = Literal["auto", "dali", "torch"]
 SampleMode = Literal["ode", "sde"]
 ZeroStage = Literal[0, 1, 2, 3]
+LRSchedule = Literal["constant", "cosine", "linear"]
+ReportTo = Literal["tensorboard", "wandb", "none"]
 DIGITS_CLASSES = 10
+# The digits as the embedded loader serves them: 8x8 digits resized to 16x16, one channel, ten classes.
+DIGITS_SHAPE = {"resolution": 16, "channels": 1, "num_classes": DIGITS_CLASSES}
 MAX_SEED = 2**63  # seeds feed torch generators (64-bit) and draw_seed's arithmetic modulo 2**63
 
 
@@ -50,9 +54,11 @@ class ArchConfig:
 class DataConfig:
     kind: DataKind = "digits"  # the embedded scikit-learn digits, or prepared SD-VAE latents
     data_dir: str | None = None  # latent store for kind=latents
-    resolution: int = 16  # digits: image side (8x8 digits resized); latents: read from the store
-    channels: int = 1  # digits: 1; latents: read from the store
-    num_classes: int = 10
+    # None: from the data -- the latent store's manifest (latents) or DIGITS_SHAPE. A value given for a latent
+    # store must match it (num_classes may exceed the store's: a model may know classes a store lacks).
+    resolution: int | None = None
+    channels: int | None = None
+    num_classes: int | None = None
     loader: LoaderChoice = "auto"  # latents: DALI on CUDA when installed, else the torch DataLoader
     num_workers: int = 2
 
@@ -85,10 +91,26 @@ class TrainConfig:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 50_000_000  # elements per reduction bucket
     allgather_bucket_size: int = 50_000_000  # elements per all-gather of updated weights (ZeRO 1, 2)
+    # Learning rate of step i (dfm.schedule.lr_at): linear warmup over lr_warmup_steps, then constant (the
+    # reference), or a cosine / linear decay to lr_min at max_steps.
+    lr_schedule: LRSchedule = "constant"
+    lr_warmup_steps: int = 0
+    lr_min: float = 0.0
+    # EMA warmup (dfm.schedule.ema_decay_at): decay_i = min(ema_decay, 1 - (1 + i) ** -power); 0 keeps the
+    # fixed ema_decay of the reference. 3/4 suits runs up to ~200k steps, 2/3 runs of a million.
+    ema_warmup_power: float = 0.0
+    threads: int | None = None  # intra-op CPU threads per rank; None: $OMP_NUM_THREADS, else dfm.launch.threads
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 1000
     keep_ckpts: int = 2
+    # Evaluation during training (dfm.evaluation.training): every eval_every steps (0: never) the EMA samples
+    # eval_samples images from fixed seeds, scored by the digits classifier (digits) or against eval_ref with
+    # the Inception weights at eval_inception_weights (latents: FID, sFID, IS).
+    eval_every: int = 0
+    eval_samples: int = 500
+    eval_inception_weights: str | None = None
+    eval_ref: str | None = None
 
 
 @dataclass
@@ -111,6 +133,7 @@ class Config:
     model: str = "DFM-SiT-S/2"
     seed: int = 0
     output_dir: str = "runs"
+    report_to: ReportTo = "tensorboard"  # where the metrics go (the seed's key; wandb is optional)
     arch: ArchConfig = field(default_factory=ArchConfig)
     dfm: DFMConfig = field(default_factory=DFMConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,6 +332,55 @@ def _check_model(cfg: Config) -> None:
     _keyed(lambda: model_config_from(cfg).validate(), MODEL_KEYS, "model")
 
 
+SHAPE_KEYS = ("resolution", "channels", "num_classes")
+
+
+def apply_store_facts(d: DataConfig, store) -> None:
+    """Fill ``data.resolution``, ``data.channels`` and ``data.num_classes`` from an opened latent store, and
+    refuse values the config gives that the store contradicts (naming the key and the store)."""
+    _, h, w = store.shape
+    if h != w:
+        raise ConfigError(f"latent store {store.root} holds {h}x{w} latents; only square latents are supported")
+    found = {"resolution": h, "channels": store.channels, "num_classes": store.num_classes}
+    for key in SHAPE_KEYS:
+        value = getattr(d, key)
+        if value is None:
+            setattr(d, key, found[key])
+        # a model may know more classes than a store uses, never fewer
+        elif found[key] > value if key == "num_classes" else found[key] != value:
+            raise ConfigError(
+                f"config key 'data.{key}' is {value} but the latent store {store.root} has {found[key]} "
+                f"(latents of {store.channels}x{h}x{w}, {store.num_classes} classes); drop the key to take the "
+                "store's value, or use another store"
+            )
+
+
+def resolve_data_shape(cfg: Config, check_store: bool = True) -> None:
+    """The data's shape and classes, before anything is built: the digits' (``DIGITS_SHAPE``), or what the latent
+    store at ``data.data_dir`` records (its manifest is read, no sample is). Values the config gives are checked
+    against an existing store (``check_store``); a latent config without a store must give all three keys (a
+    saved or imported config does)."""
+    d = cfg.data
+    if d.kind == "digits":
+        for key in SHAPE_KEYS:
+            if getattr(d, key) is None:
+                setattr(d, key, DIGITS_SHAPE[key])
+        return
+    missing = [f"data.{key}" for key in SHAPE_KEYS if getattr(d, key) is None]
+    if d.data_dir and (missing or (check_store and Path(d.data_dir).is_dir())):
+        from dfm.data.store import StoreError, open_store
+
+        try:
+            store = open_store(d.data_dir)
+        except StoreError as err:
+            raise ConfigError(f"config key 'data.data_dir': {err}") from None
+        apply_store_facts(d, store)
+    elif missing:
+        raise ConfigError(
+            f"config key 'data.data_dir' is required for data.kind=latents: the latent store gives {', '.join(missing)}"
+        )
+
+
 def _check_data(cfg: Config) -> None:
     d = cfg.data
     if d.kind == "digits" and d.channels != 1:
@@ -355,6 +427,31 @@ def _check_train(cfg: Config) -> None:
             raise ConfigError(f"config key 'train.{key}' must be >= 0, got {getattr(t, key)}")
     if t.offload and t.zero_stage == 0:
         raise ConfigError("config key 'train.offload' needs train.zero_stage >= 1 (ZeRO-Offload is a ZeRO feature)")
+    _check_schedule(t)
+    _check_eval(t)
+
+
+def _check_schedule(t: TrainConfig) -> None:
+    if t.lr_warmup_steps < 0:
+        raise ConfigError(f"config key 'train.lr_warmup_steps' must be >= 0, got {t.lr_warmup_steps}")
+    if not 0.0 <= t.lr_min <= t.lr:
+        raise ConfigError(f"config key 'train.lr_min' must lie in [0, train.lr = {t.lr}], got {t.lr_min}")
+    if t.ema_warmup_power < 0:
+        raise ConfigError(f"config key 'train.ema_warmup_power' must be >= 0 (0: off), got {t.ema_warmup_power}")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"config key 'train.threads' must be >= 1 (or null: chosen per rank), got {t.threads}")
+
+
+def _check_eval(t: TrainConfig) -> None:
+    if t.eval_every < 0:
+        raise ConfigError(f"config key 'train.eval_every' must be >= 0 (0: no evaluation), got {t.eval_every}")
+    if t.eval_samples < 2:  # a covariance needs two samples
+        raise ConfigError(f"config key 'train.eval_samples' must be >= 2, got {t.eval_samples}")
+    if (t.eval_inception_weights is None) != (t.eval_ref is None):
+        raise ConfigError(
+            "config keys 'train.eval_inception_weights' and 'train.eval_ref' go together: the Inception weights "
+            "and the reference batch (or its statistics) to compare the samples with"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -426,6 +523,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     else:
         for text in overrides or []:
             _fill(cfg, parse_override(text))
+    resolve_data_shape(cfg)
     validate(cfg)
     check_training_data(cfg)
     return cfg
@@ -438,10 +536,17 @@ def config_from_dict(values: dict) -> Config:
     """
     cfg = Config()
     _fill(cfg, values)
+    resolve_data_shape(cfg, check_store=False)  # a saved config names its shape: the store is read only if not
     validate(cfg)
     return cfg
 
 
+def config_text(cfg: Config) -> str:
+    """The YAML text of ``cfg`` as :func:`save_config` writes it (and checkpoints keep it)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    from dfm.files import write_text_atomic
+
+    write_text_atomic(path, config_text(cfg))

@@ -114,34 +114,60 @@ class LockedError(RuntimeError):
 
 class FolderLock:
     """An exclusive ``flock`` on ``<folder>/.lock`` for as long as the process holds it (released on exit or
-    crash by the kernel, so a killed run never leaves a stale lock). The file says who holds it."""
+    crash by the kernel, so a killed run never leaves a stale lock).
+
+    Taking the lock writes nothing: a process refused the folder's use (another holder, or checks that fail
+    after the lock is taken) leaves the folder as it found it, removing the lock file if it made it. Once the
+    work starts, :meth:`announce` writes who holds the lock, for the message another process gets; releasing
+    an announced lock empties the file again.
+    """
 
     NAME = ".lock"
 
     def __init__(self, folder: str | Path, what: str):
         self.path, self.what, self._fd = Path(folder) / self.NAME, what, None
+        self._created = self._announced = False
 
     def acquire(self) -> FolderLock:
         import fcntl
-        import socket
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise LockedError(f"{self.path.parent} is in use by {holder}: one {self.what} per folder") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that a refused process removed between our open and our flock
+                break
             os.close(fd)
-            raise LockedError(f"{self.path.parent} is in use by {holder}: one {self.what} per folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
+        self._fd, self._created, self._announced = fd, created, False
         return self
 
+    def announce(self) -> None:
+        """Write the holder (pid and host) into the lock file."""
+        import socket
+
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._announced = True
+
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._announced:
+            os.ftruncate(self._fd, 0)  # a free lock names no holder
+        elif self._created:
+            self.path.unlink(missing_ok=True)  # before closing: whoever opened it meanwhile is refused
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -16,9 +16,10 @@ The contract, and how each part of it is kept:
   the settings that change what the images are (checkpoint, seed, labels, sampler keys, VAE, precision);
   a restart with other settings is refused instead of mixing two sample sets.
 - **ADM's layout.** :func:`merge_shards` streams the shards in index order into one ``.npz`` holding
-  ``arr_0`` (uint8 N x H x W x 3), ``arr_1`` (the labels, as ADM's sampler names them) and ``labels``
-  (the same, as ``dfm sample`` names them), written to a temporary file and renamed: at 50k x 256 px the
-  images alone are 9.8 GB, so they are never all held in memory.
+  ``arr_0`` (uint8 N x H x W x 3), ``arr_1`` (the labels, as ADM's sampler names them), ``labels``
+  (the same, as ``dfm sample`` names them) and ``settings`` (the manifest's settings as JSON text:
+  :func:`read_settings`), written to a temporary file and renamed: at 50k x 256 px the images alone are
+  9.8 GB, so they are never all held in memory.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm.data.store import LATENT_SCALE
 from dfm.fast_sampling import FastStagedSampler
 from dfm.files import atomic_open, atomic_path, write_text_atomic
 from dfm.precision import autocast, resolve_precision
@@ -45,6 +45,7 @@ from dfm.visualize import to_uint8
 LABEL_MODES = ("random", "balanced")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+SETTINGS = "settings"  # .npz member: the JSON of what made the samples (checkpoint, sampler, CFG, seed, VAE)
 _SHARD = re.compile(r"^(\d+)-(\d+)\.npz$")
 
 
@@ -111,11 +112,10 @@ class IndexSampler:
         cfg: the run config; its ``sample`` section sets the sampler.
         seed: the run's sampling seed.
         labels: ``"random"`` (uniform per index, as ADM/DiT sample) or ``"balanced"`` (``i % num_classes``).
-        vae: a diffusers ``AutoencoderKL`` on the model's device for latent models, None for pixel models.
+        decoder: a :class:`dfm.vae.LatentDecoder` for latent models (images through the VAE), None for pixels.
         sampler_mode: ``dfm.fast_sampling`` mode (``auto`` = CUDA graphs on CUDA, eager elsewhere).
         precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` (``dfm.precision``: autocast of the model; the
             sampler state stays float32).
-        decode_batch_size: images per VAE decode call (bounds the decoder's activation memory).
     """
 
     def __init__(
@@ -124,10 +124,9 @@ class IndexSampler:
         cfg,
         seed: int = 0,
         labels: str = "random",
-        vae=None,
+        decoder=None,
         sampler_mode: str = "auto",
         precision: str = "auto",
-        decode_batch_size: int = 32,
     ):
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
@@ -135,7 +134,7 @@ class IndexSampler:
         if cfg.sample.mode == "sde" and cfg.sample.cfg_scale != 1.0:
             raise ValueError("sample.cfg_scale: classifier-free guidance is not implemented for the SDE sampler")
         self.model, self.cfg, self.seed, self.labels = model, cfg, seed, labels
-        self.vae, self.precision, self.decode_batch_size = vae, precision, decode_batch_size
+        self.decoder, self.precision = decoder, precision
         self.device = next(model.parameters()).device
         self.shapes = model.input_shapes()
         self.fast = None
@@ -181,12 +180,8 @@ class IndexSampler:
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> np.ndarray:
-        """Model-space samples -> uint8 (n, H, W, 3): through the VAE for latents (``z / scale``), else [-1, 1]."""
-        if self.vae is not None:
-            scale = float(getattr(self.vae.config, "scaling_factor", None) or LATENT_SCALE)
-            chunks = [self.vae.decode(z / scale).sample for z in x.split(self.decode_batch_size)]
-            x = torch.cat(chunks)
-        return to_uint8(x)
+        """Model-space samples -> uint8 (n, H, W, 3): through the decoder for latents, else from [-1, 1]."""
+        return to_uint8(self.decoder(x) if self.decoder is not None else x)
 
     def images(self, indices: Sequence[int], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (n, H, W, 3) and int64 labels (n,) of ``indices``."""
@@ -402,12 +397,27 @@ def merge_shards(parts: str | Path, out: str | Path, num_samples: int) -> Path:
             yield x
 
     labels = np.concatenate([_read_labels(shard_path(parts, a, b)) for a, b in covered]).astype(np.int64)
+    manifest = parts / MANIFEST
+    settings = settings_array(json.loads(manifest.read_text())) if manifest.is_file() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "arr_0", shape, np.uint8, images())
         _write_npy_member(zf, "arr_1", labels.shape, np.int64, [labels])
         _write_npy_member(zf, "labels", labels.shape, np.int64, [labels])
+        if settings is not None:
+            _write_npy_member(zf, SETTINGS, (), settings.dtype, [settings])
     return out
+
+
+def settings_array(settings: dict) -> np.ndarray:
+    """``settings`` as the JSON text in a 0-d unicode array: an ``.npz`` member that loads without pickle."""
+    return np.array(json.dumps(settings, sort_keys=True))
+
+
+def read_settings(path: str | Path) -> dict | None:
+    """The settings a sample ``.npz`` of ``dfm generate`` or ``dfm sample`` carries (None if it has none)."""
+    with np.load(path) as f:
+        return json.loads(str(f[SETTINGS])) if SETTINGS in f.files else None
 
 
 __all__ = [
@@ -426,7 +436,9 @@ __all__ = [
     "parts_dir",
     "plan_pieces",
     "rank_pieces",
+    "read_settings",
     "read_shard",
     "scan_shards",
+    "settings_array",
     "write_shard",
 ]

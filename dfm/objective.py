@@ -34,15 +34,24 @@ class StageDraw:
     y: Tensor  # (B,) labels after class dropout (null class = num_classes)
 
 
-def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
-    """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
-    total = torch.zeros(mask.shape[0], device=mask.device, dtype=torch.float32)
+def stage_losses(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
+    """Each stage's term of the loss, shape (S,): ``mean_B [s active] mean_{C,H,W} (v_hat[s] - v[s])^2``.
+
+    The loss is their sum (:func:`stage_loss`); a masked sample adds exactly zero to its stage's term, so the
+    terms are the stages' shares of the logged loss.
+    """
+    terms = []
     for s, (pred, target) in enumerate(zip(v_hat, v)):
         # where() on the difference, before squaring, rather than a product: a masked head gets an exactly-zero
         # loss and gradient even if it outputs inf (masking after the square would backpropagate 0 * inf = nan).
         diff = torch.where(mask[:, s].view(-1, 1, 1, 1), pred.float() - target.float(), 0.0)
-        total = total + diff.square().mean(dim=(1, 2, 3))
-    return total.mean()
+        terms.append(diff.square().mean(dim=(1, 2, 3)).mean())
+    return torch.stack(terms)
+
+
+def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
+    """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
+    return stage_losses(v_hat, v, mask).sum()
 
 
 class DFMObjective:
@@ -154,14 +163,22 @@ class DFMObjective:
         return StageDraw(t=t, mask=mask, eps=eps, y=self.drop_labels(y, generator))
 
     # -- the step -------------------------------------------------------------------------------------
-    def __call__(
+    def stage_losses(
         self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
     ) -> tuple[Tensor, StageDraw]:
-        """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
+        """Per-stage loss terms (S,) of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``, and the
+        draw; the loss is their sum (:func:`stage_losses`)."""
         if draw is None:
             # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
             # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, the eager reference otherwise).
             draw = self.draw(ops.band_placeholders(x, self.stages), y, generator)
         x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)
-        return stage_loss(v_hat, v, draw.mask), draw
+        return stage_losses(v_hat, v, draw.mask), draw
+
+    def __call__(
+        self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
+    ) -> tuple[Tensor, StageDraw]:
+        """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
+        terms, draw = self.stage_losses(model, x, y, generator, draw)
+        return terms.sum(), draw

@@ -29,6 +29,22 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
         model.train(was_training)
 
 
+def decode_result(result: SampleResult, decoder=None) -> SampleResult:
+    """``result`` with its final samples and every stage preview decoded to images by ``decoder`` (latents ->
+    [-1, 1] images, ``dfm.vae.LatentDecoder``); unchanged without one (pixels, or no VAE known)."""
+    if decoder is None:
+        return result
+    previews = [decoder(p) for p in result.previews]
+    x = previews[-1] if len(result.previews) and result.previews[-1] is result.x else decoder(result.x)
+    return SampleResult(bands=result.bands, x=x, previews=previews)
+
+
+def grid_scale(side: int, upscale: int) -> int:
+    """Pixel repetition for a grid of ``side``-pixel cells: ``upscale`` for tiny images (16 px digits), less
+    as cells grow, 1 from 64 px on (a decoded 256 px sample needs none)."""
+    return max(1, min(upscale, 64 // side))
+
+
 def to_uint8(x: Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (one channel is repeated; more than 3 keep the first 3)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

@@ -70,6 +70,8 @@ Choices made here, each with its reason:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -101,6 +103,34 @@ def training_device() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# DeepSpeed's console output that says nothing a user can act on, each matched exactly. Records of its logger
+# are demoted to this module's logger at DEBUG; the warnings are deprecations inside DeepSpeed's own calls
+# into torch.distributed (torch 2.13), filtered by message.
+DEMOTED_RECORDS = ("You are using ZeRO with an untested optimizer",)  # torch's AdamW, handed over on purpose
+IGNORED_WARNINGS = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",)
+
+
+class _Demote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(text in message for text in DEMOTED_RECORDS):
+            logger.debug("DeepSpeed: %s", message)
+            return False
+        return True
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's known noise off the console (see ``DEMOTED_RECORDS``); idempotent."""
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    if not any(isinstance(f, _Demote) for f in ds_logger.filters):
+        ds_logger.addFilter(_Demote())
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
 def setup_distributed() -> tuple[int, int]:
     """Initialise the process group (gloo on the host, nccl on CUDA); returns (rank, world_size).
 
@@ -115,8 +145,13 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
+    quiet_deepspeed()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # "DeepSpeed ...shm_comm_op built successfully" on the host
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        if printed.getvalue().strip():
+            logger.debug("DeepSpeed: %s", printed.getvalue().strip())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -240,8 +275,19 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
     )
 
 
+def grad_norm_reader(cfg: Config, engine, optimizer):
+    """A function returning the last step's global gradient norm before clipping, as the clipping optimizer
+    keeps it: ``dfm.optim.ClippedAdamW.grad_norm`` (a device tensor; it also measures when ``grad_clip`` is 0),
+    or DeepSpeed's where DeepSpeed clips (ZeRO 3, ZeRO-Offload). Reading it queues nothing and waits for
+    nothing; the loop sums it on device and reads it at log steps."""
+    if optimizer_clips(cfg) and hasattr(optimizer, "grad_norm"):
+        return lambda: optimizer.grad_norm
+    return engine.get_global_grad_norm
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
-    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema)``.
+    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema, grad_norm)``, the last from
+    :func:`grad_norm_reader`.
 
     The EMA of stages 0-2 is a full fp32 copy taken before compiling, so it stays a plain eager module that
     samples without a compile of its own; under ZeRO-3 it is made of the partitions after initialize.
@@ -253,10 +299,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
         from dfm.compile import compile_model
 
         compile_model(model)
+    optimizer = client_optimizer(cfg, model)
     engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=client_optimizer(cfg, model),
-        config=deepspeed_config(cfg, world_size, load_universal=load_universal),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal=load_universal)
     )
     if world_size == 1 and cfg.train.zero_stage == 0:
         # Nothing to reduce on one rank, but DeepSpeed would still flatten every gradient into a buffer of the
@@ -266,4 +311,4 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
         from dfm.models import DFMSiT
 
         ema = ZeRO3EMA(engine.module, lambda: DFMSiT.from_config(cfg))
-    return engine, ema
+    return engine, ema, grad_norm_reader(cfg, engine, optimizer)

@@ -5,14 +5,23 @@
 
 Both files are ADM ``.npz`` batches (``arr_0``: uint8 N x H x W x 3); the reference may instead (or also)
 carry ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` statistics, which then take precedence as in ADM's
-evaluator. Weights are local files (nothing is downloaded). Prints a table and writes the numbers as JSON
-(default: next to the samples, ``<samples>.metrics.json``).
+evaluator. Weights are local files; nothing is downloaded:
+
+    Inception: https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+    DINOv2:    https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth
+
+A weights file is checked against the SHA-256 prefix its name carries (torch hub's naming) and the Inception
+file against the release's. Prints a table and writes the numbers, the weights' SHA-256 and any warnings as
+JSON (default: next to the samples, ``<samples>.metrics.json``). Published numbers use 50,000 samples and
+ADM's reference batches: far fewer samples bias FID upwards, and a small reference batch makes its
+statistics and precision/recall noisy; both are warned about.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +31,11 @@ from dfm.evaluation.dinov2 import load_dinov2
 from dfm.evaluation.evaluator import evaluate_npz
 from dfm.evaluation.inception import load_inception
 from dfm.evaluation.metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS
+from dfm.evaluation.weights import DINOV2_URL, INCEPTION_SHA256_PREFIX, INCEPTION_URL, check_weights_file
+
+PUBLISHED_SAMPLES = 50_000  # ADM's, DiT's and SiT's sample count for FID
+FEW_SAMPLES = 10_000  # a fifth of it: FID's upward bias is then clearly visible
+FEW_REFERENCE = 10_000  # ADM's reference batches hold 10,000 images
 
 ROWS = (
     ("Inception Score", "inception_score"),
@@ -67,11 +81,31 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def size_warnings(num_samples: int, num_reference: int | None) -> list[str]:
+    """Warnings about sample and reference counts too small for numbers comparable with published ones."""
+    out = []
+    if num_samples < FEW_SAMPLES:
+        out.append(
+            f"{num_samples} samples: FID/sFID from far fewer than the {PUBLISHED_SAMPLES:,} of published numbers "
+            "are biased upwards; compare only runs scored with the same sample count"
+        )
+    if num_reference is not None and num_reference < FEW_REFERENCE:
+        out.append(
+            f"the reference batch holds {num_reference} images (ADM's hold {FEW_REFERENCE:,}): its statistics, "
+            "precision and recall are noisy"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation; returns the JSON-written dict (metrics plus the inputs that produced them)."""
     args = parse_args(argv)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
+    checked = [check_weights_file(args.inception_weights, "InceptionV3 (pytorch-fid)", INCEPTION_URL,
+                                  INCEPTION_SHA256_PREFIX)]  # fmt: skip
+    if args.dinov2_weights:
+        checked.append(check_weights_file(args.dinov2_weights, "DINOv2", DINOV2_URL))
     start = time.perf_counter()
     inception = load_inception(args.inception_weights, device)
     dinov2 = load_dinov2(args.dinov2_weights, device) if args.dinov2_weights else None
@@ -87,12 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
         pr_batch_size=args.pr_batch_size,
         save_ref_stats=args.save_ref_stats,
     )
+    warnings = [note for c in checked for note in c["notes"]]
+    warnings += size_warnings(metrics["num_samples"], metrics["num_reference"])
     results = {
         **metrics,
         "samples": str(args.samples),
         "reference": str(args.ref),
         "inception_weights": str(args.inception_weights),
+        "inception_sha256": checked[0]["sha256"],
         "dinov2_weights": str(args.dinov2_weights) if args.dinov2_weights else None,
+        "dinov2_sha256": checked[1]["sha256"] if args.dinov2_weights else None,
+        "warnings": warnings,
         "is_split_size": args.is_split_size,
         "k": args.k,
         "device": str(device),
@@ -102,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{args.samples} ({metrics['num_samples']} images) vs {args.ref}")
     print(format_table(results))
+    for warning in warnings:
+        print(f"dfm evaluate: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
     return results
 

@@ -2,8 +2,9 @@
 
 One process:   dfm generate --ckpt runs/dfm-digits --num-samples 500 --out samples.npz
 One node:      torchrun --nproc_per_node 8 launch/generate.py --ckpt runs/dfm-sit-xl-256 \\
-                   --vae sd-vae-ft-ema --num-samples 50000 --batch-size 64 --out dfm-sit-xl-256.npz
+                   --num-samples 50000 --batch-size 64 --out dfm-sit-xl-256.npz   (the store's VAE decodes)
                (or: deepspeed --num_gpus 8 launch/generate.py ...)
+Imported:      dfm generate --ckpt imported/dfm-sit-xl-256 --vae stabilityai/sd-vae-ft-ema ...   (no store)
 Sampling keys of the run config can be overridden, with or without their ``sample.`` prefix:
                cfg_scale=1.5 num_steps_per_scale=[40,10] stage_sampling_thresholds=[0.1] guidance_high=0.7
                mode=sde num_steps=250   (the SiT baseline's Euler-Maruyama sampler)
@@ -13,8 +14,11 @@ on the world size or the batch size. Finished batches land in ``<out>.parts/`` a
 the same command again after a crash (or after ``--max-batches``) produces only what is missing, at any
 world size (on several nodes, ``<out>`` must be on a file system every rank sees). When every index
 exists, rank 0 writes ``<out>`` (``arr_0`` uint8 N x H x W x 3, labels in ``arr_1`` and ``labels``) and
-removes the parts (``--keep-parts`` keeps them). Latent models decode with the diffusers
-``AutoencoderKL`` at ``--vae`` (a local folder): ``vae.decode(z / scaling_factor)``.
+removes the parts (``--keep-parts`` keeps them); ``settings`` in the ``.npz`` records what made the
+images. Latent models decode with the VAE their latent store recorded (``dfm prepare encode``), or the
+diffusers ``AutoencoderKL`` at ``--vae``: ``vae.decode(z / scaling_factor + shift_factor)`` with the
+store's factors. Without a VAE a latent model is refused: an ``.npz`` of latent channels would score as
+images.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (sample.cfg_scale)")
     p.add_argument("--labels", choices=generation.LABEL_MODES, default="random",
                    help="random: uniform class per index (as ADM / DiT); balanced: class i %% num_classes")  # fmt: skip
-    p.add_argument("--vae", help="local folder of the diffusers AutoencoderKL that decodes latent models")
+    p.add_argument("--vae", help="AutoencoderKL (folder or hub name) decoding latent models (default: the store's)")
     p.add_argument("--decode-batch-size", type=int, default=32, help="images per VAE decode call")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--sampler", choices=("auto", "eager", "compile", "cudagraph"), default="auto",
@@ -94,26 +98,22 @@ def _device(requested: str) -> torch.device:
 
 
 def load(args: argparse.Namespace, device: torch.device):
-    """(model on ``device``, run config, resolved checkpoint path, VAE or None); errors name what is wrong."""
+    """(model on ``device``, run config, resolved checkpoint path, LatentDecoder or None); errors name what is wrong."""
     from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
+    from dfm.vae import resolve_decoder
 
     ckpt = resolve_pretrained(args.ckpt)
     cfg = pretrained_config(ckpt, args.config, sampling_overrides(args))
     model = load_pretrained(ckpt, cfg=cfg, ema=False if args.raw else None)
-    latent = cfg.data.kind == "latents"
-    if latent and not args.vae:
-        raise ConfigError(f"{cfg.model} generates SD-VAE latents (data.kind=latents): pass --vae FOLDER to decode")
-    if not latent and args.vae:
-        raise ConfigError(f"--vae was given but the run models pixels (data.kind={cfg.data.kind})")
-    vae = None
-    if latent:
-        from dfm.vae import load_vae
-
-        vae = load_vae(args.vae, device=device)
-    return model.to(device), cfg, ckpt, vae
+    decoder, note = resolve_decoder(cfg, args.vae, device, batch_size=args.decode_batch_size)
+    if cfg.data.kind == "latents" and decoder is None:
+        raise ConfigError(f"{cfg.model} generates latents (data.kind=latents) and there is {note}: pass --vae")
+    if note and distributed.rank() == 0:
+        print(f"dfm generate: {note}")
+    return model.to(device), cfg, ckpt, decoder
 
 
-def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str) -> dict:
+def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str, decoder=None) -> dict:
     """What makes two runs' images different: shards made under other settings must not be mixed."""
     sample = {k: v for k, v in asdict(cfg.sample).items() if k != "per_class"}
     return {
@@ -127,18 +127,18 @@ def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str)
         "sample": sample,
         "steps_per_stage": cfg.steps_per_stage(),
         "thresholds": cfg.thresholds(),
-        "vae": str(Path(args.vae).resolve()) if args.vae else None,
+        "vae": decoder.spec.to_dict() if decoder is not None else None,
         "precision": precision,
     }
 
 
-def _open_parts(args, cfg, ckpt: Path, precision: str) -> FolderLock | None:
+def _open_parts(args, cfg, ckpt: Path, precision: str, decoder) -> FolderLock | None:
     """Rank 0 locks ``<out>.parts`` for the job and checks its settings; every rank stops on its error."""
     parts = generation.parts_dir(Path(args.out))
     held: list[FolderLock] = []
 
     def decide() -> None:
-        generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision))
+        generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision, decoder))
         held.append(FolderLock(parts, "dfm generate").acquire())
         generation.clean_temporaries(parts)
         for bad, why in generation.discard_bad_shards(parts):
@@ -206,13 +206,13 @@ def generate(args: argparse.Namespace) -> Path | None:
             print(f"dfm generate: {out} already exists; delete it to generate again")
         return out
     precision = resolve_precision(args.precision, device)
-    model, cfg, ckpt, vae = load(args, device)
-    lock = _open_parts(args, cfg, ckpt, precision)
+    model, cfg, ckpt, decoder = load(args, device)
+    lock = _open_parts(args, cfg, ckpt, precision, decoder)
     try:
         mine, done_before, left = _my_pieces(args, parts, rank, world_size)
         sampler = generation.IndexSampler(
-            model, cfg, seed=args.seed, labels=args.labels, vae=vae, sampler_mode=args.sampler,
-            precision=precision, decode_batch_size=args.decode_batch_size,
+            model, cfg, seed=args.seed, labels=args.labels, decoder=decoder, sampler_mode=args.sampler,
+            precision=precision,
         )  # fmt: skip
         todo = args.num_samples - done_before
         if rank == 0:

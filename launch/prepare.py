@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="raw images (class folders or zip) → centre-cropped PNGs + dataset.json")
     c.add_argument("--source", required=True, help="image folder with class subfolders, or a zip of one")
     c.add_argument("--dest", required=True, help="output folder, or a path ending in .zip")
-    c.add_argument("--resolution", default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    c.add_argument("--resolution", default="256x256", help="WIDTHxHEIGHT, or one number for a square (default 256x256)")
     c.add_argument("--transform", default="center-crop-dhariwal", choices=TRANSFORMS)
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     c.add_argument("--max-images", type=int, default=None, help="convert only the first N images")

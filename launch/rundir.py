@@ -10,21 +10,32 @@ decision (an error stops every rank together):
 - a resume takes the newest intact checkpoint (``dfm.checkpoint.find_resumable``: a corrupt one is rejected
   by name and the previous one used), and checks that the config builds the same model as the checkpoint's
   (naming every key that differs) before the folder's ``config.yaml`` is rewritten;
-- the folder must be writable, checked at start rather than at the first save.
+- the folder must be writable, checked at start rather than at the first save;
+- nothing in the folder is written until the run has started (config loaded, engine built, checkpoint
+  resumed): a refused or failed start leaves it byte for byte as it was. Then :func:`record_launch` appends
+  to ``run.json`` what ``config.yaml`` cannot say: the command line, the git commit of the code, the world
+  size, the absolute data path, the checkpoint resumed and the software versions.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from dfm import checkpoint, distributed
 from dfm.config import Config, ConfigError, config_from_dict
-from dfm.files import FolderLock
+from dfm.files import FolderLock, write_json_atomic
 
-OUTPUTS = ("checkpoints", "tb", "samples", "config.yaml")
+RUN_RECORD = "run.json"
+OUTPUTS = ("checkpoints", "tb", "samples", "wandb", "config.yaml", RUN_RECORD)
 # Keys that define the model or the engine layout: a checkpoint cannot be resumed under other values.
 MODEL_KEYS = ("model", "arch", "data.resolution", "data.channels", "data.num_classes", "dfm.stages_count")
 
@@ -128,4 +139,60 @@ def open_run(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool):
     return (held[0] if held else None), found
 
 
-__all__ = ["check_resume_config", "check_writable", "has_outputs", "open_run", "prepare"]
+def git_commit(path: str | Path) -> dict:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout holding ``path`` (None outside one)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def launch_record(cfg: Config, world_size: int, **extra) -> dict:
+    """What one start of ``dfm train`` ran: command, code, world size, data, versions (see :func:`record_launch`)."""
+    import deepspeed
+    import torch
+
+    import dfm
+
+    data = str(Path(cfg.data.data_dir).resolve()) if cfg.data.data_dir else None
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
+        "code": {"package": str(Path(dfm.__file__).resolve().parent), **git_commit(Path(dfm.__file__).parent)},
+        "world_size": world_size,
+        "data": {"kind": cfg.data.kind, "data_dir": data},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+        },
+        **extra,
+    }
+
+
+def record_launch(run_dir: Path, record: dict) -> Path:
+    """Append ``record`` to ``<run>/run.json`` (``{"launches": [...]}``, one entry per start or resume)."""
+    path = Path(run_dir) / RUN_RECORD
+    launches = json.loads(path.read_text()).get("launches", []) if path.is_file() else []
+    write_json_atomic(path, {"launches": [*launches, record]})
+    return path
+
+
+__all__ = [
+    "check_resume_config",
+    "check_writable",
+    "git_commit",
+    "has_outputs",
+    "launch_record",
+    "open_run",
+    "prepare",
+    "record_launch",
+]

@@ -2,22 +2,31 @@
 
     dfm sample --ckpt runs/dfm-digits/checkpoints/0003000 --out samples.png [--npz samples.npz]
     dfm sample --ckpt runs/dfm-digits          # the run's latest checkpoint
-    dfm sample --ckpt imported/dfm-sit-xl-512  # a directory written by dfm import
+    dfm sample --ckpt imported/dfm-sit-xl-512 --vae stabilityai/sd-vae-ft-ema   # a directory written by dfm import
 Sampling keys of the run config can be overridden: sample.cfg_scale=2.0 sample.num_steps_per_scale=[20,5]
+
+Without --out the grid goes to <run>/samples/sample_<step>.png for a run or one of its checkpoints, to
+<dir>/samples.png for any other checkpoint directory (dfm import's), and to F.png beside an exported
+F.safetensors. Latent models are decoded to images with the VAE their latent store recorded (or --vae);
+without one, the grid and --npz hold latent channels 0-2, and a line says so. The --npz file carries its
+settings (checkpoint, sampler, CFG, seed, VAE) as JSON in a 'settings' member.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dfm.config import ConfigError
+from dfm.generation import settings_array
 from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
-from dfm.visualize import class_rows, sample_model, save_png, stage_preview_grid, to_uint8
+from dfm.vae import resolve_decoder
+from dfm.visualize import class_rows, decode_result, grid_scale, sample_model, save_png, stage_preview_grid, to_uint8
 
 
 def load_model(ckpt: str | Path, config: str | None = None, overrides: list[str] | None = None, use_ema=None):
@@ -28,7 +37,9 @@ def load_model(ckpt: str | Path, config: str | None = None, overrides: list[str]
 
 
 def default_out(weights: Path) -> Path:
-    """Where the grid goes without --out: a run's samples folder for its checkpoints, else beside the weights."""
+    """Where the grid goes without --out (``weights`` resolved by ``dfm.pretrained.resolve_pretrained``): the run's
+    ``samples/sample_<step>.png`` for a run's checkpoint, ``<dir>/samples.png`` for another checkpoint directory,
+    ``F.png`` beside an exported ``F.safetensors``."""
     if weights.is_dir() and weights.parent.name == "checkpoints":
         return weights.parent.parent / "samples" / f"sample_{weights.name}.png"
     return weights / "samples.png" if weights.is_dir() else weights.with_suffix(".png")
@@ -38,11 +49,12 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="dfm sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint, run or imported directory, or exported .safetensors")
     p.add_argument("--config", help="run config (default: the one saved beside the checkpoint)")
-    p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/, or beside the weights)")
+    p.add_argument("--out", default=None, help="PNG path (default: see above)")
     p.add_argument("--npz", default=None, help="also write the final images as uint8 N x H x W x 3 in arr_0")
     p.add_argument("--per-class", type=int, default=None, help="samples per class row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--vae", default=None, help="AutoencoderKL decoding a latent model (default: its store's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--score",
@@ -51,29 +63,46 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     try:
         model, cfg = load_model(args.ckpt, args.config, args.overrides, use_ema=False if args.raw else None)
+        decoder, note = resolve_decoder(cfg, args.vae, device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm sample: {err}")
-    device = torch.device(args.device)
+    if args.score and cfg.data.kind != "digits":
+        sys.exit("dfm sample: --score needs a digits run (for latents use dfm generate + dfm evaluate)")
+    if note:
+        print(f"dfm sample: {note}" + ("" if decoder else "; writing latent channels 0-2 instead of images"))
     model.to(device)
     per_class = args.per_class or cfg.sample.per_class
     y = class_rows(cfg.data.num_classes, per_class, device)
     g = torch.Generator(device).manual_seed(args.seed)
-    result = sample_model(model, cfg, y, generator=g)
-    out = Path(args.out) if args.out else default_out(resolve_pretrained(args.ckpt))
-    save_png(stage_preview_grid(result, rows=min(cfg.data.num_classes, 10), scale=4), out)
+    raw = sample_model(model, cfg, y, generator=g)
+    result = decode_result(raw, decoder)
+    weights = resolve_pretrained(args.ckpt)
+    out = Path(args.out) if args.out else default_out(weights)
+    grid = stage_preview_grid(result, rows=min(cfg.data.num_classes, 10), scale=grid_scale(result.x.shape[-1], 4))
+    save_png(grid, out)
     print(f"dfm sample: wrote {out} ({len(y)} samples, {len(result.previews)} stage previews each)")
     if args.score:
-        if cfg.data.kind != "digits":
-            sys.exit("dfm sample: --score needs a digits run (for latents use dfm generate + dfm evaluate)")
         from dfm.evaluation.digits import digit_scores
 
-        scores = digit_scores(result.x.cpu(), y.cpu(), cfg.data.resolution)
+        scores = digit_scores(raw.x.cpu(), y.cpu(), cfg.data.resolution)
         acc, fd = scores["accuracy"], scores["fd"]
         print(f"dfm sample: class accuracy {acc:.3f}, Frechet distance {fd:.2f} ({len(y)} samples)")
     if args.npz:
-        np.savez(args.npz, arr_0=to_uint8(result.x), labels=y.cpu().numpy())
+        settings = {
+            "checkpoint": str(weights.resolve()),
+            "weights": "raw" if args.raw else "ema",
+            "seed": args.seed,
+            "model": cfg.model,
+            "sample": asdict(cfg.sample) | {"per_class": per_class},
+            "steps_per_stage": cfg.steps_per_stage(),
+            "thresholds": cfg.thresholds(),
+            "vae": decoder.spec.to_dict() if decoder is not None else None,
+            "decoded": decoder is not None or cfg.data.kind != "latents",
+        }
+        np.savez(args.npz, arr_0=to_uint8(result.x), labels=y.cpu().numpy(), settings=settings_array(settings))
         print(f"dfm sample: wrote {args.npz}")
     return out
 

@@ -35,7 +35,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODELS = ("dfm", "sit")
 NAMES = {"dfm": "DFM-SiT", "sit": "SiT"}
 # Keys that may differ between a reused run directory and this study (they do not change the weights).
-SCHEDULE_KEYS = {"max_steps", "ckpt_every", "keep_ckpts", "sample_every", "log_every"}
+# Keys that schedule work around training without changing the weights (the study evaluates by itself).
+SCHEDULE_KEYS = {"max_steps", "ckpt_every", "keep_ckpts", "sample_every", "log_every", "eval_every", "eval_samples"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +91,7 @@ def study_configs(args: argparse.Namespace) -> dict[str, Config]:
         steps = args.steps or base.train.max_steps
         keep = steps // args.every + 2  # every evaluated checkpoint survives pruning
         extra = [f"output_dir={args.out}", f"train.max_steps={steps}", f"train.ckpt_every={args.every}",
-                 f"train.keep_ckpts={keep}"]  # fmt: skip
+                 f"train.keep_ckpts={keep}", "train.eval_every=0"]  # fmt: skip
         cfgs[name] = load_config(path, list(args.overrides) + extra)
     if cfgs["dfm"].train.max_steps != cfgs["sit"].train.max_steps:
         raise ConfigError("the two configs train for different steps; pass --steps")

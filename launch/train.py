@@ -7,10 +7,15 @@ Many nodes:              deepspeed --hostfile launch/hostfile.example --master_a
                              launch/train.py --config C --data-dir DATA    (see launch/scripts/)
 Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
 Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
+                         (a folder that holds a run needs --resume, or --overwrite to replace it)
 Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA --exp-name E [--config C]
                          starts at step 0 from the weights of a model without trainer state (a directory
                          written by dfm import, or an exported .safetensors), with its saved config as the
                          base config; add --resume to continue such a run once it has checkpoints
+
+Before anything is built the config, the latent store (its shape and classes), the metrics backend and the
+run folder are checked; the folder is written to only once the engine is built and any checkpoint resumed
+(dfm.launch.rundir), so a refused or failed start leaves it as it was.
 """
 
 from __future__ import annotations
@@ -116,67 +121,151 @@ def main(argv: list[str] | None = None) -> float | None:
     return run(cfg, resume=resume, ckpt=None if init else args.ckpt, overwrite=args.overwrite)
 
 
+def check_before_work(cfg: Config, world_size: int) -> None:
+    """What training needs beyond a valid config, checked before the run folder, the model or the engine: the
+    latent store (one shard per rank; its shape and classes fill or must match ``data.*``), the metrics
+    backend (``report_to``) and the evaluation files."""
+    from dfm.reporting import check_report_to
+
+    if cfg.data.kind == "latents":
+        from dfm.data import check_store_matches
+
+        check_store_matches(cfg.data, world_size)
+        cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())  # the saved config names the store wherever run
+    check_report_to(cfg.report_to)
+    for key in ("eval_inception_weights", "eval_ref"):
+        path = getattr(cfg.train, key)
+        if cfg.train.eval_every and path is not None and not Path(path).is_file():
+            raise ConfigError(f"config key 'train.{key}': {path} does not exist")
+
+
 def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | None = None):
-    """Model, EMA, optimizer, DeepSpeed engine, loader and logger for ``cfg`` (already validated).
+    """Model, EMA, optimizer, DeepSpeed engine, loader, sample decoder and evaluator for ``cfg`` (validated).
 
     ``resume_from``: the checkpoint the trainer will resume, so that the engine is built to read it (as a
     universal checkpoint when it was written at another world size). ``init``: a model (built for ``cfg``)
     whose weights training starts from instead of a fresh initialisation; the EMA starts from them too.
+    Nothing is written to the run folder here (:func:`open_outputs` does that once the run has started).
     """
-    from dfm.launch.checkpoint import DeepSpeedState, needs_universal
+    from dfm.launch.checkpoint import DeepSpeedState, needs_universal, saved_layout
     from dfm.launch.engine import batch_layout, build_engine, setup_distributed, training_device
 
     from dfm.data import build_loader
+    from dfm.evaluation.training import build_evaluator
     from dfm.models import DFMSiT
     from dfm.train import Trainer
+    from dfm.vae import resolve_decoder
 
     rank, world_size = setup_distributed()
     micro, accum = batch_layout(cfg, world_size)
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = (init.train() if init is not None else DFMSiT.from_config(cfg)).to(device)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     universal = resume_from is not None and needs_universal(
         resume_from, world_size, cfg.train.zero_stage, cfg.train.offload
     )
-    engine, ema = build_engine(cfg, model, world_size, load_universal=universal)
+    if universal and rank == 0:
+        saved_world, stage = saved_layout(resume_from)
+        print(
+            f"dfm train: {resume_from} was written by {saved_world} rank(s) at ZeRO {stage} and this run has "
+            f"{world_size}: resuming through DeepSpeed's universal checkpoint ({resume_from / 'universal'}, "
+            "converted once and kept)"
+        )
+    engine, ema, grad_norm = build_engine(cfg, model, world_size, load_universal=universal)
     loader = build_loader(cfg.data, micro, rank, world_size, cfg.seed, device=device, accum_steps=accum)
-
-    config_yaml, writer = "", None
+    decoder, notes = None, []
     if rank == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        config_yaml = (cfg.run_dir / "config.yaml").read_text()
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(cfg.run_dir / "tb"))
+        decoder, note = resolve_decoder(cfg, None, device)
+        notes = [f"samples: {note}" + ("" if decoder else "; the grids show latent channels 0-2")] if note else []
+    evaluator, note = build_evaluator(cfg, decoder, device) if rank == 0 else (None, "")
+    notes += [note] if note else []
     state = DeepSpeedState(engine, cfg.train.zero_stage)
-    return Trainer(cfg, engine, ema, loader, accum, state, rank=rank, config_yaml=config_yaml, writer=writer)
+    trainer = Trainer(
+        cfg, engine, ema, loader, accum, state, rank=rank, grad_norm=grad_norm, decoder=decoder, evaluator=evaluator
+    )
+    evaluates = [evaluator is not None]  # rank 0 decides; every rank joins the evaluations' EMA gathers
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(evaluates, src=0)
+    trainer.evaluates, trainer.num_params, trainer.notes = evaluates[0], num_params, notes
+    return trainer
+
+
+def start_lines(cfg: Config, trainer, threads: tuple[int, str]) -> list[str]:
+    """What a run says when it starts: model, scale, precision, batch, schedule, threads, data, outputs."""
+    from dfm.launch.threads import local_world_size
+
+    from dfm.flops import device_name
+
+    t, micro = cfg.train, cfg.train.global_batch_size // (trainer.world_size * trainer.accum_steps)
+    warmup = f", warmup {t.lr_warmup_steps}" if t.lr_warmup_steps else ""
+    ema = f", warmup power {t.ema_warmup_power}" if t.ema_warmup_power else ""
+    shape = f"{cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.num_classes} classes"
+    return [
+        f"{cfg.model}: {cfg.stages} stage(s), {trainer.num_params / 1e6:.2f} M parameters, "
+        f"{trainer.flops_per_image / 1e9:.3g} GFLOP per training image",
+        f"world size {trainer.world_size} ({local_world_size()} on this node), {trainer.device.type} "
+        f"({device_name(trainer.device)}), precision {trainer.precision}, ZeRO {t.zero_stage}",
+        f"effective batch {t.global_batch_size} = {micro} per micro-batch x {trainer.world_size} rank(s) x "
+        f"{trainer.accum_steps} accumulation step(s); lr {t.lr:g} {t.lr_schedule}{warmup}; EMA {t.ema_decay}{ema}",
+        f"threads: {threads[0]} per rank ({threads[1]})",
+        f"data: {cfg.data.kind} {cfg.data.data_dir or ''} ({shape})".replace("  ", " "),
+        *trainer.notes,
+        f"outputs: {cfg.run_dir} (metrics: {cfg.report_to})",
+    ]
+
+
+def open_outputs(cfg: Config, trainer, resume_from: Path | None, threads: tuple[int, str]) -> None:
+    """Rank 0, once the run has started: ``config.yaml``, the launch appended to ``run.json``, the metrics
+    backend, and the start-up lines."""
+    from dfm.launch.rundir import launch_record, record_launch
+
+    from dfm.reporting import open_writer
+
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    record = launch_record(
+        cfg,
+        trainer.world_size,
+        resumed_from=str(Path(resume_from).resolve()) if resume_from else None,
+        start_step=trainer.state.step,
+        run_id=trainer.run_id,
+        threads=threads[0],
+    )
+    record_launch(cfg.run_dir, record)
+    trainer.writer = open_writer(cfg.report_to, cfg.run_dir, cfg.exp_name, trainer.run_id, cfg.to_dict())
+    for line in start_lines(cfg, trainer, threads):
+        print(f"dfm train: {line}", flush=True)
 
 
 def run(
     cfg: Config, resume: bool = False, ckpt: str | None = None, init: DFMSiT | None = None, overwrite: bool = False
 ) -> float | None:
     """Train ``cfg`` (already validated), optionally resuming or starting from the weights of ``init``; the
-    entry point tests call in-process. The run folder is locked and checked first (``dfm.launch.rundir``)."""
+    entry point tests call in-process. The data and settings are checked, then the run folder is locked and
+    checked (``dfm.launch.rundir``); the folder is written to only once the engine is built and resumed."""
     from dfm.launch.engine import setup_distributed
     from dfm.launch.rundir import open_run
+    from dfm.launch.threads import set_threads
 
-    rank, _ = setup_distributed()
+    rank, world_size = setup_distributed()
+    threads = set_threads(cfg.train.threads)
+    check_before_work(cfg, world_size)
     lock, resume_from = open_run(cfg, resume, ckpt, overwrite)
+    trainer = None
     try:
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:
             trainer.resume(resume_from)
-        if rank == 0 and resume:
-            found = (
-                f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint, starting"
-            )
-            print(f"dfm train: {found}")
-        loss = trainer.fit()
-        if trainer.writer is not None:
-            trainer.writer.close()
-        return loss
+        if rank == 0:
+            lock.announce()  # the run has started: from here on the folder is its
+            open_outputs(cfg, trainer, resume_from, threads)
+            if resume:
+                found = f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint"
+                print(f"dfm train: {found}", flush=True)
+        return trainer.fit()
     finally:
+        if trainer is not None and trainer.writer is not None:
+            trainer.writer.close()
         if lock is not None:
             lock.release()
 

@@ -339,7 +339,8 @@ def test_raw_weights_and_sampling_read_no_pickle(runs, tmp_path):
 
 def test_a_second_run_on_the_same_folder_refuses_at_once(tmp_path):
     cfg = tiny(tmp_path, "exp_name=busy", "train.max_steps=2")
-    with FolderLock(cfg.run_dir, "training run"):  # as a first `dfm train` holds it
+    with FolderLock(cfg.run_dir, "training run") as held:  # as a first `dfm train` holds it, once started
+        held.announce()
         with pytest.raises(LockedError, match=rf"{cfg.run_dir} is in use by pid {os.getpid()}"):
             run(cfg)
     assert not (cfg.run_dir / "checkpoints").exists()  # the second run touched nothing

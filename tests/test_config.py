@@ -88,20 +88,36 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_latent_store_must_match_the_config(tmp_path):
+def test_latent_shape_and_classes_come_from_the_store(tmp_path):
+    """Resolution, channels and classes are read from the store's manifest when the config is loaded (before
+    anything is built); a value the config gives must match, naming the key and the store."""
     import numpy as np
 
     from dfm.data import check_store_matches
     from dfm.data.store import write_store
 
     moments = np.concatenate([np.zeros((8, 4, 16, 16)), np.ones((8, 4, 16, 16))], axis=1).astype(np.float32)
-    write_store(tmp_path / "store", moments, np.arange(8) % 10, num_classes=10)
-    base = [f"data.data_dir={tmp_path / 'store'}", "data.kind=latents", "data.num_classes=10"]
-    check_store_matches(load_config(None, base + ["data.resolution=16", "data.channels=4"]).data)
-    with pytest.raises(ConfigError, match=r"'data.resolution' is 32 but the latent store .* has 16"):
-        check_store_matches(load_config(None, base + ["data.resolution=32", "data.channels=4"]).data)
-    with pytest.raises(ConfigError, match=r"'data.channels' is 3 but the latent store .* has 4"):
-        check_store_matches(load_config(None, base + ["data.resolution=16", "data.channels=3"]).data)
+    write_store(tmp_path / "store", moments, np.arange(8) % 6, num_classes=6)
+    base = [f"data.data_dir={tmp_path / 'store'}", "data.kind=latents"]
+    cfg = load_config(None, base)
+    assert (cfg.data.resolution, cfg.data.channels, cfg.data.num_classes) == (16, 4, 6)
+    check_store_matches(cfg.data)
+    matching = load_config(None, base + ["data.resolution=16", "data.channels=4", "data.num_classes=10"])
+    assert matching.data.num_classes == 10  # more classes than the store uses: allowed
+    for override, needle in [
+        ("data.resolution=32", r"'data.resolution' is 32 but the latent store .*store has 16 .*drop the key"),
+        ("data.channels=3", r"'data.channels' is 3 but the latent store .*store has 4"),
+        ("data.num_classes=5", r"'data.num_classes' is 5 but the latent store .*store has 6"),  # fewer: refused
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, base + [override])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"config key 'data.data_dir': .*empty holds no manifest.json"):
+        load_config(None, ["data.kind=latents", f"data.data_dir={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match=r"'data.data_dir' is required for data.kind=latents: the latent store gives"):
+        load_config(None, ["data.kind=latents"])
+    digits = load_config(None, [])
+    assert (digits.data.resolution, digits.data.channels, digits.data.num_classes) == (16, 1, 10)
 
 
 @pytest.mark.parametrize(

@@ -235,15 +235,17 @@ def test_kill_and_resume_two_ranks_matches_uninterrupted(two_ranks):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_resume_at_another_world_size(two_ranks, stage):
+def test_resume_at_another_world_size(two_ranks, stage, capsys):
     """A 2-rank checkpoint resumed on one rank (two accumulated micro-batches) continues the same run: same
-    data position, same draws, same optimizer state. ZeRO shards go through DeepSpeed's universal checkpoint;
-    ZeRO 0 keeps the whole optimizer state in one file and loads directly."""
+    data position, same draws, same optimizer state. ZeRO shards go through DeepSpeed's universal checkpoint
+    (and the run says so); ZeRO 0 keeps the whole optimizer state in one file and loads directly."""
     from dfm.launch.train import run
 
     saved = ckpt(two_ranks / f"zero{stage}", 2)
     run(tiny(two_ranks, f"exp_name=one_rank_from_zero{stage}", f"train.zero_stage={stage}"), resume=True, ckpt=saved)
     assert (saved / "universal" / "zero").is_dir() == (stage > 0)
+    said = f"{saved} was written by 2 rank(s) at ZeRO {stage} and this run has 1: resuming through DeepSpeed's"
+    assert (said in capsys.readouterr().out) == (stage > 0)
     resumed = weights(ckpt(two_ranks / f"one_rank_from_zero{stage}", STEPS))
     straight = weights(ckpt(two_ranks / f"zero{stage}", STEPS))
     assert max_diff(resumed[0], straight[0]) <= TOL and max_diff(resumed[1], straight[1]) <= TOL

@@ -98,7 +98,7 @@ def test_one_rank_at_zero_0_skips_the_gradient_all_reduce():
     assert dist.get_world_size() == 1
     cfg = tiny()
     model = DFMSiT.from_config(cfg)
-    engine, ema = build_engine(cfg, model, world_size=1)
+    engine, ema, _ = build_engine(cfg, model, world_size=1)
     assert engine.enable_backward_allreduce is False  # nothing to reduce: no flatten-and-copy of the gradients
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
     assert ema.state_dict().keys() == model.state_dict().keys()

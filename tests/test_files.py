@@ -52,3 +52,22 @@ def test_env_switch_names_the_variable_on_a_typo(monkeypatch):
     monkeypatch.setenv("DFM_TEST_SWITCH", "yes please")
     with pytest.raises(ValueError, match="DFM_TEST_SWITCH"):
         env_switch("DFM_TEST_SWITCH", aliases, "off")
+
+
+def test_folder_lock_is_exclusive_names_its_holder_and_leaves_a_refused_folder_alone(tmp_path):
+    from dfm.files import FolderLock, LockedError
+
+    first = FolderLock(tmp_path / "run", "training run").acquire()  # a descriptor of its own: flock conflicts
+    with pytest.raises(LockedError, match=r"run is in use by another process: one training run per folder"):
+        FolderLock(tmp_path / "run", "training run").acquire()
+    first.release()  # never announced: the lock file it made is gone again
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    first = FolderLock(tmp_path / "run", "training run").acquire()
+    first.announce()
+    with pytest.raises(LockedError, match=r"in use by pid \d+ on "):
+        FolderLock(tmp_path / "run", "training run").acquire()
+    first.release()
+    assert (tmp_path / "run" / ".lock").read_bytes() == b""  # a free lock names no holder
+    with FolderLock(tmp_path / "run", "training run"):  # free again; its file existed, so it is kept
+        pass
+    assert (tmp_path / "run" / ".lock").read_bytes() == b""

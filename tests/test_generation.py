@@ -154,7 +154,10 @@ def test_two_ranks_with_crash_and_resume_equal_one_rank_bitwise(pixel_ckpt, tmp_
     one = load_npz(ref)
     assert not generation.parts_dir(ref).exists()  # removed after the merge
     assert two["arr_0"].shape == (N, 16, 16, 3) and two["arr_0"].dtype == np.uint8
-    assert set(two) == {"arr_0", "arr_1", "labels"} and np.array_equal(two["arr_1"], two["labels"])
+    assert set(two) == {"arr_0", "arr_1", "labels", "settings"} and np.array_equal(two["arr_1"], two["labels"])
+    settings = generation.read_settings(out)  # what made the images travels with them (equal at 1 and 2 ranks)
+    assert settings["checkpoint"] == str(pixel_ckpt.resolve()) and settings["seed"] == 0
+    assert settings["num_samples"] == N and settings["sample"]["cfg_scale"] == 1.0 and settings["vae"] is None
     assert len(np.unique(two["arr_0"].reshape(N, -1), axis=0)) == N  # N distinct samples, none twice
     for key in two:
         assert np.array_equal(two[key], one[key]), key

@@ -124,30 +124,37 @@ def test_overlap_comm_waits_once_per_backward_on_cuda(tmp_path, stage, overlap):
 def test_an_item_added_to_the_step_is_caught(tmp_path, monkeypatch):
     """The counter sees a read-back inside the real step, not only in code written for the test."""
     trainer = build(tmp_path, "exp_name=item")
-    real = objective_module.stage_loss
+    real = objective_module.stage_losses
 
-    def stage_loss_with_item(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        loss.item()
-        return loss
+    def stage_losses_with_item(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.sum().item()
+        return terms
 
-    monkeypatch.setattr(objective_module, "stage_loss", stage_loss_with_item)
+    monkeypatch.setattr(objective_module, "stage_losses", stage_losses_with_item)
     syncs = count_steps(trainer)
-    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_loss_with_item"): STEPS * trainer.accum_steps}
+    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_losses_with_item"): STEPS * trainer.accum_steps}
 
 
-def test_the_loop_reads_only_at_log_sample_and_checkpoint_steps(tmp_path):
-    """A whole ``fit``: every host read happens inside logging, sampling or saving, none in the steps."""
-    trainer = build(tmp_path, "exp_name=fit", "train.max_steps=2", "train.log_every=3", "train.sample_every=3")
-    trainer.fit()  # warm-up, and a final log, sample and save at step 2
+def test_the_loop_reads_only_at_log_sample_eval_and_checkpoint_steps(tmp_path):
+    """A whole ``fit`` with every metric, a warmup, a decaying schedule, EMA warmup and evaluation: every host
+    read happens inside logging, sampling, evaluating or saving, none in the steps."""
+    schedule = ["train.lr_warmup_steps=2", "train.lr_schedule=cosine", "train.ema_warmup_power=0.75"]
+    evaluation = ["train.eval_every=3", "train.eval_samples=10"]
+    trainer = build(tmp_path, "exp_name=fit", "train.max_steps=2", "train.log_every=3", "train.sample_every=3",
+                    *schedule, *evaluation)  # fmt: skip
+    assert trainer.evaluator is not None and trainer.grad_norm is not None
+    trainer.fit()  # warm-up, and a final log, sample, evaluation and save at step 2
     trainer.cfg.train.max_steps = 7
     with HostSyncCounter() as syncs:
-        trainer.fit()  # steps 3..7: log and sample at 3 and 6, and at the end (7) log, sample and save
-    allowed = {"log_metrics", "write_samples", "save"}
+        trainer.fit()  # steps 3..7: log, sample and evaluate at 3 and 6, and at the end (7) all of it and a save
+    allowed = {"log_metrics", "write_samples", "evaluate", "save"}
     outside = [r for r in syncs.report.records if not allowed & set(r.callers)]
     assert not outside, "\n".join(f"{r.what} at {r.where}" for r in outside)
-    logged = {r.callers.index("log_metrics") for r in syncs.report.records if "log_metrics" in r.callers}
-    assert logged  # the log steps did read (the loss): the check above is not vacuous
+    for helper in ("log_metrics", "evaluate"):  # they did read: the check above is not vacuous
+        assert any(helper in r.callers for r in syncs.report.records), helper
+    reads = [r for r in syncs.report.records if "log_metrics" in r.callers]
+    assert len(reads) == 3, reads  # one host read per log step (steps 3, 6, 7), whatever is logged
 
 
 def test_staged_sampler_step_has_no_host_sync():

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from dfm import pyramid
 from dfm.models import build_model
-from dfm.objective import DFMObjective, StageDraw, stage_loss
+from dfm.objective import DFMObjective, StageDraw, stage_loss, stage_losses
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 10
@@ -211,6 +211,12 @@ def test_loss_with_mixed_mask_matches_formula():
     mask = torch.tensor([[True, False, False], [True, True, False], [True, True, True], [True, False, False]])
     expected = sum(((v_hat[s][b] - v[s][b]) ** 2).mean().item() for b in range(4) for s in range(3) if mask[b, s]) / 4
     assert stage_loss(v_hat, v, mask).item() == pytest.approx(expected, rel=1e-6)
+    # each stage's term: its share of the loss, the masked samples counting as zero in the batch mean
+    terms = stage_losses(v_hat, v, mask)
+    for s in range(3):
+        share = sum(((v_hat[s][b] - v[s][b]) ** 2).mean().item() for b in range(4) if mask[b, s]) / 4
+        assert terms[s].item() == pytest.approx(share, rel=1e-6), s
+    assert torch.equal(terms.sum(), stage_loss(v_hat, v, mask))  # the loss is their sum, one code path
 
 
 def test_inactive_inputs_are_zeroed_before_embedding():

@@ -2,6 +2,7 @@
 atomic checkpoints, no host syncs in a step, and the `dfm train` / `dfm sample` commands."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,28 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, deterministic):
     # the comparison is not vacuous: training moved the weights between step 3 and step 6
     early = weights(tmp_path / "straight" / "checkpoints" / "0000003")[0]
     assert any(not torch.equal(early[k], straight[0][k]) for k in early)
+
+
+# A warmup of 4 steps, so that the cut at step 3 falls inside it, then a cosine decay; EMA warmup throughout.
+SCHEDULE = ["train.lr_warmup_steps=4", "train.lr_schedule=cosine", "train.lr_min=1e-5", "train.ema_warmup_power=0.75"]
+
+
+def test_resume_inside_warmup_with_cosine_and_ema_warmup_matches_bitwise(tmp_path, deterministic):
+    """The lr and the EMA decay are functions of the step: a run killed after its step-3 checkpoint and resumed
+    continues both exactly, with no scheduler state saved."""
+    run(tiny(tmp_path, "exp_name=straight", "train.max_steps=6", *SCHEDULE))
+    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=6", *SCHEDULE))
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "0000006")  # killed after the checkpoint of step 3
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("0000003")
+    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=6", *SCHEDULE), resume=True)
+    for a, b in zip(weights(tmp_path / "straight" / "checkpoints" / "0000006"),
+                    weights(tmp_path / "cut" / "checkpoints" / "0000006")):  # fmt: skip
+        assert_same(a, b)
+    # not vacuous: the schedule changed the run (another lr and EMA than the constant reference)
+    run(tiny(tmp_path, "exp_name=constant", "train.max_steps=6"))
+    constant = weights(tmp_path / "constant" / "checkpoints" / "0000006")[1]
+    scheduled = weights(tmp_path / "straight" / "checkpoints" / "0000006")[1]
+    assert any(not torch.equal(constant[k], scheduled[k]) for k in constant)
 
 
 @pytest.mark.parametrize("where", ["engine", "ema", "rename", "pointer"])
@@ -167,6 +190,21 @@ def test_cli_train_then_sample(tmp_path, deterministic):
     export.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "w.safetensors")])
     sample.main(["--ckpt", str(tmp_path / "w.safetensors"), "--npz", str(tmp_path / "e.npz"), "--per-class", "2"])
     assert np.array_equal(np.load(tmp_path / "e.npz")["arr_0"], arr["arr_0"])
+    assert (tmp_path / "w.png").is_file()  # without --out: beside the exported file, as --help says
+
+
+def test_sample_writes_where_its_help_says(tmp_path):
+    from dfm.launch.sample import __doc__ as help_text
+    from dfm.launch.sample import default_out
+
+    ckpt = tmp_path / "run" / "checkpoints" / "0000004"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "imported").mkdir()
+    assert default_out(ckpt) == tmp_path / "run" / "samples" / "sample_0000004.png"
+    assert default_out(tmp_path / "imported") == tmp_path / "imported" / "samples.png"
+    assert default_out(tmp_path / "w.safetensors") == tmp_path / "w.png"
+    for place in ("<run>/samples/sample_<step>.png", "<dir>/samples.png", "F.png beside an exported"):
+        assert place in " ".join(help_text.split()), place
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

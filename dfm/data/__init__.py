@@ -66,24 +66,11 @@ def build_loader(
 
 
 def check_store_matches(data_cfg, world_size: int = 1) -> None:
-    """Validate the latent store and that its shape and classes are those the config builds the model for."""
-    from dfm.config import ConfigError
+    """Validate the latent store (a shard for each of ``world_size`` ranks) and that its shape and classes are
+    those the config builds the model for (:func:`dfm.config.apply_store_facts`, which fills unset keys)."""
+    from dfm.config import apply_store_facts
 
-    store = validate_store(data_cfg.data_dir, world_size)
-    _, h, w = store.shape
-    found = {"data.channels": store.channels, "data.resolution": h, "data.num_classes": store.num_classes}
-    wanted = {"data.channels": data_cfg.channels, "data.resolution": data_cfg.resolution}
-    wanted["data.num_classes"] = data_cfg.num_classes
-    if h != w:
-        raise ConfigError(f"latent store {store.root} holds {h}x{w} latents; only square latents are supported")
-    for key, value in wanted.items():
-        # a model may have more classes than a store uses, never fewer
-        mismatch = found[key] > value if key == "data.num_classes" else found[key] != value
-        if mismatch:
-            raise ConfigError(
-                f"config key '{key}' is {value} but the latent store {store.root} has {found[key]} "
-                f"(latents of {store.channels}x{h}x{w}, {store.num_classes} classes)"
-            )
+    apply_store_facts(data_cfg, validate_store(data_cfg.data_dir, world_size))
 
 
 def dali_available() -> bool:

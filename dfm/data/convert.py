@@ -35,11 +35,12 @@ TRANSFORMS = ("center-crop-dhariwal", "center-crop")
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """``"256x256"`` → ``(256, 256)`` (width, height)."""
+    """``"256x256"`` → ``(256, 256)`` (width, height); a single number is a square: ``"64"`` → ``(64, 64)``."""
+    parts = text.lower().split("x")
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in (parts * 2 if len(parts) == 1 else parts))
     except ValueError:
-        raise ValueError(f"resolution must look like 256x256, got {text!r}") from None
+        raise ValueError(f"resolution must look like 256x256 (or 256 for a square), got {text!r}") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"resolution must be positive, got {text!r}")
     return w, h

@@ -7,7 +7,7 @@ number, so the batches DALI prefetched but the caller never took are simply prod
 DALI's built-in reader shuffling is not used: its shuffle buffer reads ahead across epochs and shards, which
 breaks both the per-epoch coverage and exact resumption.
 
-The posterior ``(mean + std * n) * scale`` is drawn by DALI operators, on the GPU when the device is CUDA (the
+The posterior ``(mean + std * n - shift) * scale`` is drawn by DALI operators, on the GPU when the device is CUDA (the
 moments cross PCIe in the store dtype and the noise never does). DALI random operators take one seed per
 pipeline, so the pipeline is seeded from the loader state: a resumed run continues the sample order exactly
 and draws a deterministic, but different, noise stream than the uninterrupted run would have.
@@ -76,7 +76,7 @@ class DaliLatentLoader(StreamReader):
 
     def _pipeline(self, offset: int, k0: int):
         on_gpu = self.device.type == "cuda"
-        c, scale = self.store.channels, self.store.scale
+        c, scale, shift = self.store.channels, self.store.scale, self.store.shift
         source = _ExternalBatches(self.store, self.stream, offset, k0)
         parallel = self.num_workers > 0
         device_id = None  # None: a CPU-only pipeline, which needs no CUDA at all
@@ -111,7 +111,7 @@ class DaliLatentLoader(StreamReader):
             moments = fn.cast(moments, dtype=types.FLOAT)
             mean, std = moments[0:c], moments[c : 2 * c]
             n = fn.random.normal(mean)  # same shape as mean, on the same device
-            return (mean + std * n) * scale, y
+            return (mean + std * n - shift) * scale, y
 
         pipe = latent_pipeline()
         if parallel:

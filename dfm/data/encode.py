@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dfm.data.convert import ImageSource
 from dfm.data.store import FILES_INDEX, LATENT_SCALE, MANIFEST, StoreWriter
 from dfm.files import atomic_open, write_json_atomic
-from dfm.vae import DEFAULT_VAE, load_vae, vae_scale
+from dfm.vae import DEFAULT_VAE, VaeSpec, load_vae, vae_spec
 
 
 @torch.no_grad()
@@ -213,10 +213,11 @@ def finalize_store(
     layout: str = "packed",
     scale: float = LATENT_SCALE,
     keep_parts: bool = False,
-    vae: str | None = None,
+    vae: VaeSpec | None = None,
 ) -> dict:
     """Pack the encoded chunks into a latent store (``packed`` or ``files`` layout) with statistics; return the
-    manifest. The manifest is written last: a store with a manifest is complete."""
+    manifest, which records the VAE (``vae``: its source and factors; ``scale`` and ``shift`` are the factors
+    training applies). The manifest is written last: a store with a manifest is complete."""
     dest = Path(dest)
     missing = missing_parts(dest)
     if missing:
@@ -242,7 +243,9 @@ def finalize_store(
             m, idx = z["moments"], z["index"]
         if len(idx):
             writer.add(m, labels[idx])
-    manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], vae=vae, skipped=skipped)
+    recorded = {"vae": vae.to_dict(), "shift": vae.shift_factor} if vae is not None else {}
+    scale = vae.scaling_factor if vae is not None else scale
+    manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], skipped=skipped, **recorded)
     if not keep_parts:
         shutil.rmtree(dest / "parts")
     return manifest
@@ -278,15 +281,17 @@ def encode(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if procs > 1 and world_size > 1:
         raise ValueError("use either procs > 1 (local processes) or an external launcher's ranks, not both")
+    spec = vae_spec(vae, shard_kwargs.get("vae_subfolder"))  # before anything is written: a bad name leaves no store
+    ImageSource(source)  # exists and is a folder or a zip, before dest is made
     dest.mkdir(parents=True, exist_ok=True)
-    scale = vae_scale(vae, shard_kwargs.get("vae_subfolder"))
     if procs > 1:
         _encode_plan(source, dest, shard_kwargs.get("chunk_size", 1024))  # written once, before the ranks race
+        common = {**shard_kwargs, "source": source, "dest": dest, "vae": spec.source, "world_size": procs}
         ctx = mp.get_context("spawn")
         children = [
             ctx.Process(
                 target=_encode_process,
-                args=({**shard_kwargs, "source": source, "dest": dest, "vae": vae, "rank": r, "world_size": procs},),
+                args=({**common, "rank": r},),
             )
             for r in range(procs)
         ]
@@ -298,7 +303,7 @@ def encode(
         if failed:
             raise RuntimeError(f"encode processes {failed} failed; run the same command again to resume")
     else:
-        encode_shard(source, dest, vae=vae, rank=rank, world_size=world_size, **shard_kwargs)
+        encode_shard(source, dest, vae=spec.source, rank=rank, world_size=world_size, **shard_kwargs)
         if rank != 0:
             return None
         deadline = time.monotonic() + wait_timeout
@@ -306,4 +311,4 @@ def encode(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"other ranks did not finish {dest} in time; run the command again to pack it")
             time.sleep(5.0)
-    return finalize_store(dest, layout=layout, scale=scale, keep_parts=keep_parts, vae=vae)
+    return finalize_store(dest, layout=layout, keep_parts=keep_parts, vae=spec)

@@ -52,7 +52,8 @@ class LatentStore:
     dtype: np.dtype
     num_classes: int
     labels: np.ndarray  # (N,) int64
-    scale: float = LATENT_SCALE
+    scale: float = LATENT_SCALE  # training latents are (z - shift) * scale, the VAE's factors
+    shift: float = 0.0
     stats: dict | None = None
     files: list[str] | None = None  # files layout: paths relative to root, in label order
     manifest: dict = field(default_factory=dict)
@@ -196,6 +197,7 @@ def _open_packed(root: Path, manifest: dict) -> LatentStore:
         num_classes=num_classes,
         labels=labels,
         scale=float(manifest.get("scale", LATENT_SCALE)),
+        shift=float(manifest.get("shift", 0.0)),
         stats=manifest.get("stats"),
         manifest=manifest,
         _moments=moments,
@@ -233,6 +235,7 @@ def _open_files(root: Path, manifest: dict) -> LatentStore:
         store.dtype = np.dtype(manifest["dtype"])
         store.num_classes = int(manifest["num_classes"])
         store.scale = float(manifest.get("scale", LATENT_SCALE))
+        store.shift = float(manifest.get("shift", 0.0))
         store.stats = manifest.get("stats")
     elif files:
         # No manifest (a seed-made store): the first file sets shape and dtype; classes from the labels.
@@ -401,7 +404,7 @@ class StoreWriter:
         """Write the labels (packed) or the index (files), then the manifest; return the manifest.
 
         ``extra`` keys are recorded in the manifest (``dfm prepare encode`` records the image source, the VAE
-        and the images it skipped).
+        with its ``shift`` and the images it skipped).
         """
         if self.written != self.count:
             raise ValueError(f"{self.root}: {self.written} of {self.count} samples written, the store is incomplete")

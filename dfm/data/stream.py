@@ -135,8 +135,12 @@ def batch_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start, 0x9E3779B9]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def sample_posterior(moments: Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None) -> Tensor:
-    """Draw ``(mean + std * n) * scale`` from moments ``(B, 2C, h, w)``; float32 out whatever the store dtype."""
+def sample_posterior(
+    moments: Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None, shift: float = 0.0
+) -> Tensor:
+    """Draw ``(mean + std * n - shift) * scale`` from moments ``(B, 2C, h, w)``; float32 out whatever the store
+    dtype. ``shift`` is the VAE's ``shift_factor`` (0 for the SD VAE)."""
     mean, std = moments.float().chunk(2, dim=1)
     n = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return n.mul_(std).add_(mean).mul_(scale)  # (mean + std * n) * scale, in place: no temporaries
+    z = n.mul_(std).add_(mean)  # in place: no temporaries
+    return (z.sub_(shift) if shift else z).mul_(scale)

@@ -31,7 +31,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         y = torch.from_numpy(self.store.labels[idx])
         if self.draw:
             g = torch.Generator().manual_seed(batch_seed(self.stream.seed, start))
-            return sample_posterior(moments, self.store.scale, g), y, start
+            return sample_posterior(moments, self.store.scale, g, self.store.shift), y, start
         return moments, y, start
 
 
@@ -71,7 +71,8 @@ class TorchLatentLoader(StreamReader):
         for out, y, start in loader:
             if on_cuda:
                 generator.manual_seed(batch_seed(self.stream.seed, start))
-                out = sample_posterior(out.to(self.device, non_blocking=True), self.store.scale, generator)
+                moments = out.to(self.device, non_blocking=True)
+                out = sample_posterior(moments, self.store.scale, generator, self.store.shift)
                 y = y.to(self.device, non_blocking=True)
             self.k += 1  # the caller holds this batch from here on
             yield out, y

@@ -40,13 +40,18 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def batched_features(
-    fn: Callable[[Tensor], dict[str, Tensor]], images: NpzImages, batch_size: int, device: torch.device, desc: str
+    fn: Callable[[Tensor], dict[str, Tensor]],
+    images: NpzImages,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None,
 ) -> dict[str, np.ndarray]:
-    """Run ``fn`` on uint8 batches of ``images`` moved to ``device``; concatenate its outputs as float32 numpy."""
+    """Run ``fn`` on uint8 batches of ``images`` moved to ``device``; concatenate its outputs as float32 numpy.
+    A progress bar labelled ``desc`` (none without)."""
     out: dict[str, list[np.ndarray]] = {}
     total = -(-len(images) // batch_size)
     pin = device.type == "cuda"
-    for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch"):
+    for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch", disable=desc is None):
         x = torch.from_numpy(batch.copy())  # frombuffer arrays are read-only
         x = x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
         for name, value in fn(x).items():
@@ -75,6 +80,7 @@ def evaluate_npz(
     k: int = PR_NEIGHBOURS,
     pr_batch_size: int = 10000,
     save_ref_stats: str | Path | None = None,
+    progress: bool = True,
 ) -> dict:
     """All metrics of the samples in ``sample_path`` against ``ref_path``; models already on ``device``.
 
@@ -83,9 +89,11 @@ def evaluate_npz(
     spatial statistics for sFID, no DINOv2 weights for FDD) is ``None``. ``save_ref_stats`` writes the
     reference statistics used (ADM's keys) to an ``.npz`` that can serve as ``ref_path`` later. Fréchet
     distances follow ADM's sqrtm route, or its exact low-rank equivalent when there are no more samples than
-    feature dimensions (see :func:`dfm.evaluation.frechet.frechet_distance_to_features`).
+    feature dimensions (see :func:`dfm.evaluation.frechet.frechet_distance_to_features`). ``progress``: bars
+    while features are computed.
     """
     device = torch.device(device)
+    bar = (lambda text: text) if progress else (lambda text: None)
     samples = NpzImages(sample_path)
     ref_stats = read_reference_stats(ref_path)
     ref_images = NpzImages(ref_path) if IMAGES_KEY in npz_keys(ref_path) else None
@@ -93,16 +101,16 @@ def evaluate_npz(
         raise ValueError(f"{ref_path}: holds neither reference images ('{IMAGES_KEY}') nor statistics ('mu', 'sigma')")
 
     with ieee_fp32(device):
-        sample_feats = inception_features(inception, samples, batch_size, device, "Inception: samples")
+        sample_feats = inception_features(inception, samples, batch_size, device, bar("Inception: samples"))
         ref_feats = (
-            inception_features(inception, ref_images, batch_size, device, "Inception: reference")
+            inception_features(inception, ref_images, batch_size, device, bar("Inception: reference"))
             if ref_images is not None
             else {}
         )
         if dinov2 is not None:
-            sample_feats |= dinov2_features(dinov2, samples, batch_size, device, "DINOv2: samples")
+            sample_feats |= dinov2_features(dinov2, samples, batch_size, device, bar("DINOv2: samples"))
             if ref_images is not None and "dinov2" not in ref_stats:
-                ref_feats |= dinov2_features(dinov2, ref_images, batch_size, device, "DINOv2: reference")
+                ref_feats |= dinov2_features(dinov2, ref_images, batch_size, device, bar("DINOv2: reference"))
 
     # Reference statistics stored in the file take precedence over those of its images, as in ADM.
     for name in ("pool", "spatial", "dinov2"):

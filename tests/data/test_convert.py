@@ -39,8 +39,10 @@ def test_center_crop_dhariwal_matches_adm_arithmetic():
 
 
 def test_resolution_and_transform_errors():
-    with pytest.raises(ValueError, match="256x256"):
-        convert.parse_resolution("256")
+    assert convert.parse_resolution("64") == (64, 64) and convert.parse_resolution("64X32") == (64, 32)
+    for bad in ("256x", "x", "64x32x16", "big"):
+        with pytest.raises(ValueError, match="256x256"):
+            convert.parse_resolution(bad)
     with pytest.raises(ValueError, match="square"):
         convert.convert("unused", "unused", "64x32")
     with pytest.raises(ValueError, match="unknown transform"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 
 import numpy as np
@@ -99,3 +100,28 @@ def test_encode_bad_image_is_named_or_skipped_and_counted(tmp_path, prepared, ti
 def test_encode_needs_converted_images(tmp_path, image_folder, tiny_vae):
     with pytest.raises(FileNotFoundError, match="dfm prepare convert"):
         encode.encode(image_folder, tmp_path / "x", vae=str(tiny_vae), device="cpu", workers=0, progress=False)
+
+
+def test_an_unreadable_vae_is_one_line_and_leaves_no_store(tmp_path, prepared, monkeypatch, capsys):
+    """A hub name neither cached nor reachable (offline), or a folder that is no VAE: refused before ``--dest``
+    exists, in one line naming the VAE, without waiting for the hub's retries."""
+    from dfm.launch.cli import run_command
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 before the first import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "not-a-vae").mkdir()
+    cases = {
+        "no-such-org/no-such-vae": "is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
+        "reached (HF_HUB_OFFLINE is set): download it where there is network",
+        str(tmp_path / "not-a-vae"): f"VAE folder {tmp_path / 'not-a-vae'} holds no diffusers AutoencoderKL",
+    }
+    for vae, needle in cases.items():
+        dest = tmp_path / "store"
+        argv = ["encode", "--source", str(prepared / "images.zip"), "--dest", str(dest), "--vae", vae]
+        tic = time.perf_counter()
+        assert run_command("prepare", argv) == 1
+        assert time.perf_counter() - tic < 10  # no retry loop against an unreachable hub
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("dfm prepare: ") and needle in err, err
+        assert not dest.exists()

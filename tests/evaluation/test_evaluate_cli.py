@@ -81,3 +81,32 @@ def test_unusable_reference_is_an_error_naming_it(batches, inception_weights):
     np.savez(path, labels=np.arange(3))
     with pytest.raises(ValueError, match="labels_only.npz: holds neither reference images"):
         run(batches / "samples.npz", path, inception_weights)
+
+
+def test_missing_weights_say_where_they_come_from(batches, tmp_path):
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError, match=r"no such file\. Nothing is downloaded here: fetch .*pytorch-fid"):
+        run(batches / "samples.npz", batches / "ref.npz", str(missing))
+
+
+def test_a_file_whose_content_does_not_match_the_hash_in_its_name_is_refused(batches, inception_weights, tmp_path):
+    import shutil
+
+    renamed = tmp_path / "pt_inception-2015-12-05-6726825d.pth"  # the release's name over other content
+    shutil.copy(inception_weights, renamed)
+    with pytest.raises(ValueError, match=r"its SHA-256 starts with [0-9a-f]{8}, not with the 6726825d its name"):
+        run(batches / "samples.npz", batches / "ref.npz", str(renamed))
+
+
+def test_small_batches_and_foreign_weights_are_warned_about(batches, inception_weights, capsys):
+    import hashlib
+    from pathlib import Path
+
+    results = run(batches / "samples.npz", batches / "ref.npz", inception_weights, "--out", str(batches / "w.json"))
+    assert results["inception_sha256"] == hashlib.sha256(Path(inception_weights).read_bytes()).hexdigest()
+    warnings = results["warnings"]
+    assert len(warnings) == 3 and "not the released InceptionV3" in warnings[0]
+    assert "3 samples: FID/sFID from far fewer than the 50,000" in warnings[1]
+    assert "the reference batch holds 3 images" in warnings[2]
+    err = capsys.readouterr().err
+    assert all(f"dfm evaluate: warning: {w}" in err for w in warnings)
