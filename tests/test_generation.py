@@ -205,7 +205,8 @@ def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, o
     parts = generation.parts_dir(out)
     shard = parts / "00000003-00000006.npz"
     shard.write_bytes(shard.read_bytes()[:200])  # a shard cut short (a disk error, a copy interrupted)
-    with FolderLock(parts, "dfm generate"):  # another job on this --out holds the folder
+    with FolderLock(parts, "dfm generate") as other:  # another job on this --out holds the folder
+        other.announce()
         with pytest.raises(SystemExit, match=r"s\.npz\.parts is in use by pid"):
             generate_main(flags)
     assert len(shard.read_bytes()) == 200  # the refused job changed nothing
