@@ -78,7 +78,7 @@ def needs_universal(ckpt_dir: str | Path, world_size: int, zero_stage: int, offl
     if (saved_stage, saved_offload) != (zero_stage, offload):
         raise CheckpointError(
             f"{ckpt_dir} was written with train.zero_stage={saved_stage}, train.offload={saved_offload}; resume it "
-            f"with the same (got {zero_stage}, {offload})"
+            f"with the same stage and offload (this run has train.zero_stage={zero_stage}, train.offload={offload})"
         )
     return zero_stage > 0 and saved_world != world_size
 
