@@ -1,11 +1,11 @@
 """Per-stage normalisation of the pyramid (spec §2, ours): every stage divided by its data-set RMS.
 
 The Laplacian bands of real data carry very different energy: on the digits at 8x8 the coarse 4x4 stage has
-an RMS of 0.72 and the 8x8 band 0.46 (at 16x16, 0.73 and 0.12: the band of upsampled 8x8 originals is small). With ``x_t = (1 - t) x + t eps``
-an equal ``t`` then means a very different signal-to-noise ratio per stage. With ``dfm.normalize_stages``
-the flow runs on ``bands[s] / rms[s]``, so every stage has unit second moment and equal ``t`` means equal SNR;
-the sampler multiplies by ``rms[s]`` before recomposing. The map is diagonal, one positive scalar per stage:
-exactly invertible (up to one float rounding each way).
+an RMS of 0.72 and the 8x8 band 0.46 (at 16x16, 0.73 and 0.12: the band of upsampled 8x8 originals is
+small). With ``x_t = (1 - t) x + t eps`` an equal ``t`` then means a very different signal-to-noise ratio per
+stage. With ``dfm.normalize_stages`` the flow runs on ``bands[s] / rms[s]``, so every stage has unit second
+moment and equal ``t`` means equal SNR; the sampler multiplies by ``rms[s]`` before recomposing. The map is
+diagonal, one positive scalar per stage: exactly invertible (up to one float rounding each way).
 
 ``rms`` is measured once from the training data (:func:`measure_stage_rms`) when a run starts and stored in
 the run's config (``dfm.stage_rms``, in ``config.yaml`` and every checkpoint's copy), with the counts

@@ -38,6 +38,7 @@ CACHE_VERSION = 1  # bump when the architecture or the training recipe changes
 FEATURE_DIM = 64
 NUM_CLASSES = 10
 HELDOUT_FRACTION = 0.2
+CLASSIFIER_MIN_RESOLUTION = 16  # smaller digits are scored resized to this (digit_scores says why)
 
 
 class DigitsClassifier(nn.Module):
@@ -213,18 +214,26 @@ def digit_scores(
 ) -> dict[str, float]:
     """``{"fd": ..., "accuracy": ..., "fine_band_ratio": ...}`` for generated digits ``images`` (N, 1, R, R) in
     [-1, 1] and the class ``labels`` (N,) they were generated for. Images are clamped to [-1, 1] (as they would
-    be saved) and scored on CPU; N >= 2. FD is against all 1,797 real digits at ``resolution``."""
+    be saved) and scored on CPU; N >= 2. FD is against all 1,797 real digits at ``resolution``.
+
+    Digits below ``CLASSIFIER_MIN_RESOLUTION`` (the native 8x8) are resized to it exactly as the loader makes its
+    16x16 digits (bilinear, from the same 8x8 originals) and scored by that classifier: its 8/16/32-channel
+    stack pools 8x8 inputs down to 2x2 and reached only 95.3 % held out there against 99.4 % at 16x16, and one
+    feature network makes the scores of 8x8 and 16x16 runs comparable. The fine-band ratio stays at ``resolution``.
+    """
     if images.ndim != 4 or images.shape[1:] != (1, resolution, resolution):
         raise ValueError(f"expected images (N, 1, {resolution}, {resolution}), got {tuple(images.shape)}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"expected labels of shape ({images.shape[0]},), got {tuple(labels.shape)}")
-    model = digits_classifier(resolution, cache_dir)
-    key = (resolution, str(Path(cache_dir or default_cache_dir())))
-    if key not in _REFERENCE:
-        real, _ = load_digits_tensor(resolution)
-        _REFERENCE[key] = FeatureStats.from_features(_features_and_predictions(model, real)[0].double().numpy())
     x = images.detach().to("cpu", torch.float32).clamp(-1, 1)
-    feats, preds = _features_and_predictions(model, x)
+    side = max(resolution, CLASSIFIER_MIN_RESOLUTION)
+    model = digits_classifier(side, cache_dir)
+    key = (side, str(Path(cache_dir or default_cache_dir())))
+    if key not in _REFERENCE:
+        real, _ = load_digits_tensor(side)
+        _REFERENCE[key] = FeatureStats.from_features(_features_and_predictions(model, real)[0].double().numpy())
+    seen = x if side == resolution else F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    feats, preds = _features_and_predictions(model, seen)
     fd = FeatureStats.from_features(feats.double().numpy()).frechet_distance(_REFERENCE[key])
     accuracy = (preds == labels.detach().cpu()).double().mean().item()
     return {"fd": float(fd), "accuracy": float(accuracy), "fine_band_ratio": fine_band_ratio(x, resolution)}
