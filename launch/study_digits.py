@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/study-digits", help="study folder: the runs, study.json, .md and .png")
     p.add_argument("--dfm-config", default=str(CONFIGS / "dfm_digits.yaml"))
     p.add_argument("--sit-config", default=str(CONFIGS / "sit_digits.yaml"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (one run per model each)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (one run per model each)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the configs')")
     p.add_argument("--every", type=int, default=500, help="evaluate a checkpoint every this many steps")
     p.add_argument("--samples", type=int, default=500, help="generated digits per evaluation")
@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true", help="do not train; evaluate the checkpoints that exist")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for both runs, e.g. train.lr=1e-4")
     args = p.parse_args(argv)
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if min(args.every, args.samples, args.nfe, args.batch_size, args.jobs) < 1 or (
         args.steps is not None and args.steps < 1
     ):

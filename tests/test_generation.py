@@ -261,9 +261,9 @@ def test_study_digits_smoke(tmp_path):
     assert split_nfe([40, 10], 50) == [40, 10] and split_nfe([40, 10], 5) == [4, 1] and split_nfe([50], 7) == [7]
     assert split_nfe([1, 1, 8], 4) == [1, 1, 2]
     argv = ["--out", str(tmp_path / "study"), "--steps", "4", "--every", "2", "--samples", "16", "--nfe", "5",
-            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--seeds", "0", "1",
+            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--seeds", "0,1",
             "arch.depth=2", "arch.hidden_size=64", "arch.num_heads=2", "train.global_batch_size=8",
-            "sample.per_class=1", "sample.num_steps_per_scale=[4,1]"]  # fmt: skip
+            "sample.per_class=1"]  # fmt: skip
     study = study_main(argv)
     assert sorted(study["runs"]) == ["dfm-seed0", "dfm-seed1", "sit-seed0", "sit-seed1"]
     for run in study["runs"].values():
