@@ -111,7 +111,7 @@ def test_config_keys_are_checked():
         assert not values.get("dfm", {}).get("normalize_stages", False), name
 
 
-def test_a_normalised_run_stores_its_statistics_and_samples_from_them(tmp_path):
+def test_a_normalised_run_stores_its_statistics_and_samples_from_them(tmp_path, capsys):
     from dfm.launch.sample import main as sample_main
     from dfm.launch.train import run
 
@@ -144,6 +144,10 @@ def test_a_normalised_run_stores_its_statistics_and_samples_from_them(tmp_path):
         run(tiny(f"output_dir={tmp_path}", "exp_name=norm", "train.max_steps=4", "dfm.normalize_stages=true",
                  "dfm.stage_rms=[0.5,0.5]"), resume=True)  # fmt: skip
     assert sample_main(["--ckpt", str(tmp_path / "norm"), "--out", str(tmp_path / "g.png")]).is_file()
+    sample_main(["--ckpt", str(tmp_path / "norm"), "--out", str(tmp_path / "g.png"), "--score", "--score-samples=20"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("dfm sample: 20 samples (balanced classes, seed 0, 3 steps): class accuracy ")
+    assert "Frechet distance" in line and "fine-band energy ratio" in line
 
 
 def test_fine_band_ratio_is_one_for_real_digits_and_sees_speckle_and_blur():
