@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -276,6 +277,17 @@ def first_match(steps: list[int], fd: dict[int, float], target: float) -> int | 
     return next((s for s in steps if fd[s] <= target), None)
 
 
+def crossing(steps: list[int], fd: dict[int, float], target: float) -> float | None:
+    """The step where ``fd`` first reaches ``target``, interpolated linearly in log FD between the evaluated steps
+    around it (FD falls roughly exponentially late in training); None if it never does."""
+    hit = first_match(steps, fd, target)
+    if hit is None or hit == steps[0]:
+        return hit
+    before = steps[steps.index(hit) - 1]
+    a, b = math.log(fd[before]), math.log(fd[hit])
+    return before + (hit - before) * (a - math.log(target)) / (a - b) if a != b else float(hit)
+
+
 def step_ratio(study: dict) -> dict:
     """DFM's steps to reach SiT's final FD, as a share of SiT's steps: from the seed-mean curves and per seed."""
     c = curves(study)
@@ -284,7 +296,9 @@ def step_ratio(study: dict) -> dict:
         return {}
     final = steps[-1]
     target = c["sit"]["fd"][final][0]
-    at = first_match(steps, {s: c["dfm"]["fd"][s][0] for s in steps}, target)
+    mean_fd = {s: c["dfm"]["fd"][s][0] for s in steps}
+    at = first_match(steps, mean_fd, target)
+    between = crossing(steps, mean_fd, target)
     per_seed = {}
     for seed in study["settings"]["seeds"]:
         dfm = {int(k): v["fd"] for k, v in study["runs"][f"dfm-seed{seed}"]["evals"].items()}
@@ -292,6 +306,7 @@ def step_ratio(study: dict) -> dict:
         hit = first_match(steps, dfm, sit[final])
         per_seed[str(seed)] = None if hit is None else hit / final
     return {"final_step": final, "sit_final_fd": target, "dfm_step": at, "ratio": None if at is None else at / final,
+            "interpolated_step": between, "interpolated_ratio": None if between is None else between / final,
             "per_seed": per_seed}  # fmt: skip
 
 
@@ -335,7 +350,13 @@ def markdown(study: dict) -> str:
         lines += [
             "",
             f"DFM's mean FD reaches SiT's final mean FD ({r['sit_final_fd']:.2f} at step {r['final_step']}) {reached} "
-            f"(per seed, against that seed's SiT run: {per_seed}).",
+            f"(per seed, against that seed's SiT run: {per_seed})"
+            + (
+                f"; interpolated in log FD between evaluated steps: step {r['interpolated_step']:.0f}, "
+                f"{r['interpolated_ratio']:.2f}x."
+                if r.get("interpolated_step")
+                else "."
+            ),
         ]
     for m in MODELS:
         secs = [study["runs"][f"{m}-seed{seed}"].get("train_s") for seed in s["seeds"]]

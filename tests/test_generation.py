@@ -276,6 +276,10 @@ def test_study_digits_smoke(tmp_path):
     assert study["runs"]["dfm-seed0"]["evals"]["4"]["steps_per_stage"] == [4, 1]
     assert study["runs"]["sit-seed1"]["evals"]["4"]["steps_per_stage"] == [5]
     assert study["real"]["accuracy"] > 0.9 and study["real"]["fine_band_ratio"] == pytest.approx(1.0, abs=0.1)
+    from dfm.launch.study_digits import crossing
+
+    assert crossing([1, 2, 3], {1: 8.0, 2: 4.0, 3: 1.0}, 2.0) == pytest.approx(2.5)  # log-linear: 4 -> 1 halfway at 2
+    assert crossing([1, 2], {1: 8.0, 2: 4.0}, 8.0) == 1 and crossing([1, 2], {1: 8.0, 2: 4.0}, 3.0) is None
     ratio = study["step_ratio"]
     assert ratio["final_step"] == 4 and set(ratio["per_seed"]) == {"0", "1"}
     table = (tmp_path / "study" / "study.md").read_text()
