@@ -171,6 +171,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     from dfm.vae import resolve_decoder
 
     rank, world_size = setup_distributed()
+    measure_stage_statistics(cfg)  # done already when run() starts a run; here for callers that build directly
     micro, accum = batch_layout(cfg, world_size)
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank

@@ -30,6 +30,9 @@ def save_checkpoint_dir(path: Path, cfg, seed: int = 0) -> Path:
 
     The weights are the model's init plus noise: adaLN-Zero alone would give v = 0 and images = noise.
     """
+    from dfm.launch.train import measure_stage_statistics
+
+    measure_stage_statistics(cfg)  # dfm.normalize_stages: the statistics a run stores in its config
     torch.manual_seed(seed)
     model = DFMSiT.from_config(cfg)
     with torch.no_grad():
@@ -205,7 +208,8 @@ def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, o
     parts = generation.parts_dir(out)
     shard = parts / "00000003-00000006.npz"
     shard.write_bytes(shard.read_bytes()[:200])  # a shard cut short (a disk error, a copy interrupted)
-    with FolderLock(parts, "dfm generate"):  # another job on this --out holds the folder
+    with FolderLock(parts, "dfm generate") as lock:  # another job on this --out holds the folder
+        lock.announce()  # and has started: the refusal names it
         with pytest.raises(SystemExit, match=r"s\.npz\.parts is in use by pid"):
             generate_main(flags)
     assert len(shard.read_bytes()) == 200  # the refused job changed nothing
@@ -231,7 +235,14 @@ def test_latent_model_decodes_with_the_vae(tmp_path, one_thread):
     vae.save_pretrained(tmp_path / "vae")
     cfg = load_config(
         ROOT / "configs" / "dfm_digits.yaml",
-        TINY + ["data.kind=latents", "data.data_dir=unused", "data.channels=4", "data.resolution=8"],
+        TINY
+        + [
+            "data.kind=latents",
+            "data.data_dir=unused",
+            "data.channels=4",
+            "data.resolution=8",
+            "dfm.normalize_stages=false",
+        ],  # no store to measure
     )
     ckpt = save_checkpoint_dir(tmp_path / "ckpt", cfg)
     out = tmp_path / "latent.npz"

@@ -179,7 +179,10 @@ def test_generate_batch_has_no_host_sync_until_the_images(tmp_path):
     from dfm.generation import IndexSampler
     from dfm.models import DFMSiT
 
+    from dfm.launch.train import measure_stage_statistics
+
     cfg = load_config(ROOT / "configs" / "dfm_digits.yaml", TINY)
+    assert measure_stage_statistics(cfg) is not None  # the digits config normalises its stages, as a run would
     torch.manual_seed(0)
     model = DFMSiT.from_config(cfg).eval()
     sampler = IndexSampler(model, cfg, seed=3)

@@ -97,7 +97,7 @@ def test_the_sampler_undoes_the_scale_before_recomposing():
 
 def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match="'dfm.stage_rms' is set but 'dfm.normalize_stages' is false"):
-        tiny("dfm.stage_rms=[0.7,0.3]")
+        tiny("dfm.normalize_stages=false", "dfm.stage_rms=[0.7,0.3]")
     with pytest.raises(ConfigError, match="'dfm.stage_rms'.*1 entries for 2 stages"):
         tiny("dfm.normalize_stages=true", "dfm.stage_rms=[0.7]")
     with pytest.raises(ConfigError, match="'dfm.stage_rms'.*finite and positive"):
