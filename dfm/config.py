@@ -70,6 +70,11 @@ class DFMConfig:
     per_sample_stage: bool = False
     t_sampler: TSampler = "logit_normal"
     class_dropout: float = 0.1
+    # Per-stage normalisation (dfm.normalization): the flow runs on bands[s] / stage_rms[s]. Off in the
+    # reference and the ImageNet configs. stage_rms: null is measured from the training data when a run starts
+    # and written into its config.yaml (and every checkpoint's), which is where sampling reads it.
+    normalize_stages: bool = False
+    stage_rms: list[float] | None = None
 
 
 @dataclass
@@ -464,6 +469,10 @@ def validate(cfg: Config) -> None:
     _check_model(cfg)
     _check_data(cfg)
     _keyed(lambda: DFMObjective.from_config(cfg), _section_keys("dfm", cfg.dfm), "dfm")
+    if cfg.dfm.stage_rms is not None and not cfg.dfm.normalize_stages:
+        raise ConfigError(
+            "config key 'dfm.stage_rms' is set but 'dfm.normalize_stages' is false: the statistics would be unused"
+        )
     _check_sampling(cfg)
     _check_train(cfg)
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dfm import ops
 from dfm.sampling import SampleResult, StagedSampler, phase_preview
 
 logger = logging.getLogger(__name__)
@@ -169,8 +168,8 @@ class FastStagedSampler:
         for i, cfg in enumerate(self.sampler.step_is_guided):
             x, v = self._compiled_step(x, y, rows[i], cfg)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, rows[i, 1], len(shots)))
-        return SampleResult(bands=x, x=ops.recompose(x), previews=shots)
+                shots.append(phase_preview(x, v, rows[i, 1], len(shots), self.sampler.stage_rms))
+        return self.sampler.result(x, shots)
 
     # -- CUDA graphs ------------------------------------------------------------------------------------
     def _graphs_for(self, noise: list[Tensor], y: Tensor) -> _Graphs:
@@ -228,9 +227,9 @@ class FastStagedSampler:
             bufs.row.copy_(rows[i])
             bufs.graphs[cfg].replay()
             if previews and i in ends:
-                shots.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shots)))
+                shots.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shots), self.sampler.stage_rms))
         x = [buf.clone() for buf in bufs.x]  # the buffers are overwritten by the next call
-        return SampleResult(bands=x, x=ops.recompose(x), previews=shots)
+        return self.sampler.result(x, shots)
 
 
 __all__ = ["FastStagedSampler", "SAMPLER_MODES", "sampler_mode", "schedule_rows"]

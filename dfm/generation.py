@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dfm import normalization
 from dfm.fast_sampling import FastStagedSampler
 from dfm.files import atomic_open, atomic_path, write_text_atomic
 from dfm.precision import autocast, resolve_precision
@@ -169,6 +170,7 @@ class IndexSampler:
             if self.fast is None:
                 steps = self.cfg.sample.num_steps
                 x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise)
+                x = normalization.denormalize([x], normalization.flow_scale(self.cfg))[0]
             else:
                 x = self.fast.sample(noise, y, previews=False).x
         return x[: draws.count].float()

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dfm import ops
+from dfm import normalization, ops
 
 TSampler = Literal["logit_normal", "uniform"]
 T_SAMPLERS: tuple[str, ...] = typing.get_args(TSampler)
@@ -65,6 +65,8 @@ class DFMObjective:
         t_sampler: ``"logit_normal"`` (``sigmoid(N(mean, std))``) or ``"uniform"`` for the main stage.
         earlier_shift: earlier stages use ``sigmoid(n + earlier_shift)`` (reference: -2, low noise).
         class_dropout: probability of replacing a label by the null class.
+        stage_rms: per-stage normalisation (``dfm.normalization``): the flow runs on ``bands[s] / stage_rms[s]``;
+            None (the reference) keeps the bands as they are.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class DFMObjective:
         logit_std: float = 1.0,
         earlier_shift: float = -2.0,
         class_dropout: float = 0.1,
+        stage_rms: list[float] | None = None,
     ):
         if stage_weights is None:
             stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
@@ -89,6 +92,7 @@ class DFMObjective:
             raise ValueError(f"t_sampler must be one of {T_SAMPLERS}, got {t_sampler!r}")
         if not 0.0 <= class_dropout < 1.0:  # NaN fails this too
             raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+        normalization.check_stage_rms(stage_rms, stages)
         self.stages = stages
         total = float(sum(stage_weights))
         self.stage_weights = [w / total for w in stage_weights]
@@ -99,6 +103,7 @@ class DFMObjective:
         self.logit_std = logit_std
         self.earlier_shift = earlier_shift
         self.class_dropout = class_dropout
+        self.stage_rms = None if stage_rms is None else [float(r) for r in stage_rms]
 
     @classmethod
     def from_config(cls, cfg) -> DFMObjective:
@@ -113,6 +118,7 @@ class DFMObjective:
             per_sample_stage=cfg.dfm.per_sample_stage,
             t_sampler=cfg.dfm.t_sampler,
             class_dropout=cfg.dfm.class_dropout,
+            stage_rms=cfg.dfm.stage_rms if cfg.dfm.normalize_stages else None,
         )
 
     # -- random draws ---------------------------------------------------------------------------------
@@ -172,7 +178,11 @@ class DFMObjective:
             # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
             # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, the eager reference otherwise).
             draw = self.draw(ops.band_placeholders(x, self.stages), y, generator)
-        x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
+        if self.stage_rms is None:
+            x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
+        else:  # the bands are scaled between decomposition and noising, so the fused kernel does not apply
+            bands = normalization.normalize(ops.decompose(x, self.stages), self.stage_rms)
+            x_t, v = ops.noise_stages(bands, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)
         return stage_losses(v_hat, v, draw.mask), draw
 

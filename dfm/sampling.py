@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dfm import ops, pyramid
+from dfm import normalization, ops, pyramid
 
 Method = Literal["euler", "heun"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
@@ -112,6 +112,9 @@ class StagedSampler:
         cfg_scale: guidance weight w; ``v = v_uncond + w (v_cond - v_uncond)`` on guided stages.
         guidance_low, guidance_high: a stage is guided only while its own t lies in this interval.
         null_class: label of the unconditional branch (``num_classes``).
+        stage_rms: the per-stage scale the model's flow runs in (``dfm.normalization``); the state is integrated
+            in that space and multiplied back before the stages are recomposed (results and previews). None:
+            the bands as they are (the reference).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class StagedSampler:
         guidance_low: float = 0.0,
         guidance_high: float = 1.0,
         null_class: int = 1000,
+        stage_rms: list[float] | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be {' or '.join(map(repr, METHODS))}, got {method!r}")
@@ -135,6 +139,8 @@ class StagedSampler:
         self.method = method
         self.cfg_scale = float(cfg_scale)
         self.null_class = null_class
+        normalization.check_stage_rms(stage_rms, schedule.stages)
+        self.stage_rms = None if stage_rms is None else [float(r) for r in stage_rms]
         self.guided = guided_table(schedule, cfg_scale, guidance_low, guidance_high)
         # Host-side copy of which steps double the batch: decided once, never read back from the device.
         self.step_is_guided = self.guided.any(dim=1).tolist()
@@ -156,6 +162,8 @@ class StagedSampler:
             guidance_low=cfg.sample.guidance_low,
             guidance_high=cfg.sample.guidance_high,
             null_class=cfg.data.num_classes,
+            # validation builds a sampler without a model before a run has measured its statistics
+            stage_rms=normalization.flow_scale(cfg) if model is not None else None,
         )
 
     def velocity(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, cfg: bool) -> list[Tensor]:
@@ -226,18 +234,26 @@ class StagedSampler:
         for i in range(self.schedule.num_steps):
             x, v = self.step(x, y, i)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots)))
-        return SampleResult(bands=x, x=ops.recompose(x), previews=shots)
+                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots), self.stage_rms))
+        return self.result(x, shots)
+
+    def result(self, x: list[Tensor], previews: list[Tensor]) -> SampleResult:
+        """The final flow-space state ``x`` as data-space bands and their recomposition."""
+        bands = normalization.denormalize(x, self.stage_rms)
+        return SampleResult(bands=bands, x=ops.recompose(bands), previews=previews)
 
 
-def phase_preview(x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int) -> Tensor:
+def phase_preview(
+    x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int, stage_rms: list[float] | None = None
+) -> Tensor:
     """Full-size preview at the end of phase ``s`` from the state ``x`` and the velocity ``v`` just used.
 
     The denoised estimate ``x_hat = x_t - t v`` of stages 0..s (stage s is still at its threshold),
-    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table.
+    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table; ``stage_rms``
+    the flow's per-stage scale (``dfm.normalization``), undone before recomposing.
     """
     est = [x[j] - t_next[j] * v[j] for j in range(s + 1)]
-    return pyramid.preview(est + x[s + 1 :], s, full_size=True)
+    return pyramid.preview(normalization.denormalize(est + x[s + 1 :], stage_rms), s, full_size=True)
 
 
 def stage_noise(

@@ -212,7 +212,7 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(self.cfg.seed)  # same noise every time: comparable grids
         y = class_rows(self.cfg.data.num_classes, self.cfg.sample.per_class, self.device)
         result = decode_result(sample_model(ema, self.cfg, y, generator=g), self.decoder)
-        scale = grid_scale(result.x.shape[-1], 2)
+        scale = grid_scale(result.x.shape[-1])
         grid = stage_preview_grid(result, rows=min(self.cfg.data.num_classes, 10), scale=scale)
         return save_png(grid, self.cfg.run_dir / "samples" / f"{self.state.step:07d}.png")
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dfm import normalization
 from dfm.files import atomic_path
 from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise
 
@@ -23,6 +24,7 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
     try:
         if cfg.sample.mode == "sde":
             x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator)
+            x = normalization.denormalize([x], normalization.flow_scale(cfg))[0]
             return SampleResult(bands=[x], x=x, previews=[x])
         return StagedSampler.from_config(model, cfg).sample(noise, y)
     finally:
@@ -39,10 +41,15 @@ def decode_result(result: SampleResult, decoder=None) -> SampleResult:
     return SampleResult(bands=result.bands, x=x, previews=previews)
 
 
-def grid_scale(side: int, upscale: int) -> int:
-    """Pixel repetition for a grid of ``side``-pixel cells: ``upscale`` for tiny images (16 px digits), less
-    as cells grow, 1 from 64 px on (a decoded 256 px sample needs none)."""
-    return max(1, min(upscale, 64 // side))
+# Grid cells are shown at least this many pixels wide: an 8x8 digit becomes 64x64, a 16x16 one 64x64 too.
+DISPLAY_SIDE = 64
+
+
+def grid_scale(side: int) -> int:
+    """Nearest-neighbour pixel repetition for a grid of ``side``-pixel cells, so that small images stay legible:
+    ``DISPLAY_SIDE // side`` (8 for 8 px digits, 4 for 16 px), 1 from ``DISPLAY_SIDE`` on (a decoded 256 px
+    sample needs none). Repetition, not interpolation: every pixel the model made stays visible as it is."""
+    return max(1, DISPLAY_SIDE // side)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

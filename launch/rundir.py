@@ -35,9 +35,10 @@ from dfm.config import Config, ConfigError, config_from_dict
 from dfm.files import FolderLock, write_json_atomic
 
 RUN_RECORD = "run.json"
-OUTPUTS = ("checkpoints", "tb", "samples", "wandb", "config.yaml", RUN_RECORD)
+OUTPUTS = ("checkpoints", "tb", "samples", "wandb", "config.yaml", RUN_RECORD, "stage_stats.json")
 # Keys that define the model or the engine layout: a checkpoint cannot be resumed under other values.
-MODEL_KEYS = ("model", "arch", "data.resolution", "data.channels", "data.num_classes", "dfm.stages_count")
+MODEL_KEYS = ("model", "arch", "data.resolution", "data.channels", "data.num_classes", "dfm.stages_count",
+              "dfm.normalize_stages", "dfm.stage_rms")  # fmt: skip
 
 
 def _lookup(values: dict, dotted: str):

@@ -45,6 +45,22 @@ def default_out(weights: Path) -> Path:
     return weights / "samples.png" if weights.is_dir() else weights.with_suffix(".png")
 
 
+def score(model, cfg, samples: int, seed: int) -> dict[str, float]:
+    """Score ``samples`` digits of the fixed evaluation set (index ``i``: class ``i % 10``, noise from ``(seed, i)``;
+    the set ``train.eval_every`` scores) and print one line."""
+    from dfm.evaluation.digits import digit_scores
+    from dfm.evaluation.training import eval_samples
+
+    x, y = eval_samples(model, cfg, count=samples, seed=seed)
+    scores = digit_scores(x, y, cfg.data.resolution)
+    print(
+        f"dfm sample: {samples} samples (balanced classes, seed {seed}, {sum(cfg.steps_per_stage())} steps): class "
+        f"accuracy {scores['accuracy']:.3f}, Frechet distance {scores['fd']:.2f}, fine-band energy ratio "
+        f"{scores['fine_band_ratio']:.3f}"
+    )
+    return scores
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="dfm sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint, run or imported directory, or exported .safetensors")
@@ -59,7 +75,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--score",
         action="store_true",
-        help="digits runs: class accuracy and Frechet distance of the samples (classifier trained on real digits)",
+        help="digits runs: score the run's evaluation set (train.eval_samples fixed-seed samples, balanced classes): "
+        "class accuracy and Frechet distance (classifier trained on the real digits), fine-band energy ratio",
+    )
+    p.add_argument(
+        "--score-samples", type=int, default=None, help="samples scored by --score (default: train.eval_samples)"
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys")
     args = p.parse_args(argv)
@@ -69,6 +89,8 @@ def main(argv: list[str] | None = None) -> Path:
         decoder, note = resolve_decoder(cfg, args.vae, device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm sample: {err}")
+    if args.score_samples is not None and args.score_samples < 2:
+        sys.exit("dfm sample: --score-samples must be >= 2 (a Frechet distance needs a covariance)")
     if args.score and cfg.data.kind != "digits":
         sys.exit("dfm sample: --score needs a digits run (for latents use dfm generate + dfm evaluate)")
     if note:
@@ -81,15 +103,11 @@ def main(argv: list[str] | None = None) -> Path:
     result = decode_result(raw, decoder)
     weights = resolve_pretrained(args.ckpt)
     out = Path(args.out) if args.out else default_out(weights)
-    grid = stage_preview_grid(result, rows=min(cfg.data.num_classes, 10), scale=grid_scale(result.x.shape[-1], 4))
+    grid = stage_preview_grid(result, rows=min(cfg.data.num_classes, 10), scale=grid_scale(result.x.shape[-1]))
     save_png(grid, out)
     print(f"dfm sample: wrote {out} ({len(y)} samples, {len(result.previews)} stage previews each)")
     if args.score:
-        from dfm.evaluation.digits import digit_scores
-
-        scores = digit_scores(raw.x.cpu(), y.cpu(), cfg.data.resolution)
-        acc, fd = scores["accuracy"], scores["fd"]
-        print(f"dfm sample: class accuracy {acc:.3f}, Frechet distance {fd:.2f} ({len(y)} samples)")
+        score(model, cfg, args.score_samples or cfg.train.eval_samples, args.seed)
     if args.npz:
         settings = {
             "checkpoint": str(weights.resolve()),

@@ -139,6 +139,20 @@ def check_before_work(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"config key 'train.{key}': {path} does not exist")
 
 
+def measure_stage_statistics(cfg: Config) -> dict | None:
+    """``dfm.normalize_stages`` without ``dfm.stage_rms``: measure the data's per-stage statistics
+    (``dfm.normalization``) and set ``dfm.stage_rms`` before the run folder is checked, so a resume compares the
+    values a run was trained with; every rank measures the same data. Returns the statistics (None: nothing
+    measured)."""
+    if not cfg.dfm.normalize_stages or cfg.dfm.stage_rms is not None:
+        return None
+    from dfm.normalization import measure_stage_rms
+
+    stats = measure_stage_rms(cfg.data, cfg.stages)
+    cfg.dfm.stage_rms = stats["rms"]
+    return stats
+
+
 def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | None = None):
     """Model, EMA, optimizer, DeepSpeed engine, loader, sample decoder and evaluator for ``cfg`` (validated).
 
@@ -157,6 +171,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     from dfm.vae import resolve_decoder
 
     rank, world_size = setup_distributed()
+    measure_stage_statistics(cfg)  # done already when run() starts a run; here for callers that build directly
     micro, accum = batch_layout(cfg, world_size)
     device = training_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -210,19 +225,30 @@ def start_lines(cfg: Config, trainer, threads: tuple[int, str]) -> list[str]:
         f"{trainer.accum_steps} accumulation step(s); lr {t.lr:g} {t.lr_schedule}{warmup}; EMA {t.ema_decay}{ema}",
         f"threads: {threads[0]} per rank ({threads[1]})",
         f"data: {cfg.data.kind} {cfg.data.data_dir or ''} ({shape})".replace("  ", " "),
+        *(
+            [f"stages normalised by their data RMS {[round(r, 4) for r in cfg.dfm.stage_rms]}"]
+            if cfg.dfm.normalize_stages
+            else []
+        ),  # fmt: skip
         *trainer.notes,
         f"outputs: {cfg.run_dir} (metrics: {cfg.report_to})",
     ]
 
 
-def open_outputs(cfg: Config, trainer, resume_from: Path | None, threads: tuple[int, str]) -> None:
-    """Rank 0, once the run has started: ``config.yaml``, the launch appended to ``run.json``, the metrics
-    backend, and the start-up lines."""
+def open_outputs(
+    cfg: Config, trainer, resume_from: Path | None, threads: tuple[int, str], stats: dict | None = None
+) -> None:
+    """Rank 0, once the run has started: ``config.yaml``, the launch appended to ``run.json``, the measured
+    stage statistics (``stage_stats.json``), the metrics backend, and the start-up lines."""
     from dfm.launch.rundir import launch_record, record_launch
 
+    from dfm.files import write_json_atomic
+    from dfm.normalization import STATS_FILE
     from dfm.reporting import open_writer
 
     save_config(cfg, cfg.run_dir / "config.yaml")
+    if stats is not None:
+        write_json_atomic(cfg.run_dir / STATS_FILE, stats)
     record = launch_record(
         cfg,
         trainer.world_size,
@@ -250,6 +276,7 @@ def run(
     rank, world_size = setup_distributed()
     threads = set_threads(cfg.train.threads)
     check_before_work(cfg, world_size)
+    stats = measure_stage_statistics(cfg)
     lock, resume_from = open_run(cfg, resume, ckpt, overwrite)
     trainer = None
     try:
@@ -258,7 +285,7 @@ def run(
             trainer.resume(resume_from)
         if rank == 0:
             lock.announce()  # the run has started: from here on the folder is its
-            open_outputs(cfg, trainer, resume_from, threads)
+            open_outputs(cfg, trainer, resume_from, threads, stats)
             if resume:
                 found = f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint"
                 print(f"dfm train: {found}", flush=True)

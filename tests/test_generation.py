@@ -30,6 +30,9 @@ def save_checkpoint_dir(path: Path, cfg, seed: int = 0) -> Path:
 
     The weights are the model's init plus noise: adaLN-Zero alone would give v = 0 and images = noise.
     """
+    from dfm.launch.train import measure_stage_statistics
+
+    measure_stage_statistics(cfg)  # dfm.normalize_stages: the statistics a run stores in its config
     torch.manual_seed(seed)
     model = DFMSiT.from_config(cfg)
     with torch.no_grad():
@@ -205,8 +208,8 @@ def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, o
     parts = generation.parts_dir(out)
     shard = parts / "00000003-00000006.npz"
     shard.write_bytes(shard.read_bytes()[:200])  # a shard cut short (a disk error, a copy interrupted)
-    with FolderLock(parts, "dfm generate") as other:  # another job on this --out holds the folder
-        other.announce()
+    with FolderLock(parts, "dfm generate") as lock:  # another job on this --out holds the folder
+        lock.announce()  # and has started: the refusal names it
         with pytest.raises(SystemExit, match=r"s\.npz\.parts is in use by pid"):
             generate_main(flags)
     assert len(shard.read_bytes()) == 200  # the refused job changed nothing
@@ -232,7 +235,14 @@ def test_latent_model_decodes_with_the_vae(tmp_path, one_thread):
     vae.save_pretrained(tmp_path / "vae")
     cfg = load_config(
         ROOT / "configs" / "dfm_digits.yaml",
-        TINY + ["data.kind=latents", "data.data_dir=unused", "data.channels=4", "data.resolution=8"],
+        TINY
+        + [
+            "data.kind=latents",
+            "data.data_dir=unused",
+            "data.channels=4",
+            "data.resolution=8",
+            "dfm.normalize_stages=false",
+        ],  # no store to measure
     )
     ckpt = save_checkpoint_dir(tmp_path / "ckpt", cfg)
     out = tmp_path / "latent.npz"
@@ -262,21 +272,33 @@ def test_study_digits_smoke(tmp_path):
     assert split_nfe([40, 10], 50) == [40, 10] and split_nfe([40, 10], 5) == [4, 1] and split_nfe([50], 7) == [7]
     assert split_nfe([1, 1, 8], 4) == [1, 1, 2]
     argv = ["--out", str(tmp_path / "study"), "--steps", "4", "--every", "2", "--samples", "16", "--nfe", "5",
-            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--seeds", "0,1",
             "arch.depth=2", "arch.hidden_size=64", "arch.num_heads=2", "train.global_batch_size=8",
             "sample.per_class=1"]  # fmt: skip
     study = study_main(argv)
-    for m in ("dfm", "sit"):
-        evals = study["runs"][m]["evals"]
-        assert sorted(evals, key=int) == ["2", "4"]
-        for scores in evals.values():  # 2 and 4 steps of training: far below the real digits' scores
+    assert sorted(study["runs"]) == ["dfm-seed0", "dfm-seed1", "sit-seed0", "sit-seed1"]
+    for run in study["runs"].values():
+        assert sorted(run["evals"], key=int) == ["2", "4"]
+        for scores in run["evals"].values():  # 2 and 4 steps of training: far below the real digits' scores
             assert scores["fd"] > study["real"]["fd"] and scores["accuracy"] < study["real"]["accuracy"]
-    assert study["runs"]["dfm"]["evals"]["4"]["steps_per_stage"] == [4, 1]
-    assert study["runs"]["sit"]["evals"]["4"]["steps_per_stage"] == [5]
-    # 4 steps of training are far from the data: worse than real digits at the same sample count
-    assert study["runs"]["dfm"]["evals"]["4"]["fd"] > study["real"]["fd"] and study["real"]["accuracy"] > 0.9
+            assert scores["fine_band_ratio"] > 0
+    # the seeds are different runs: other initial weights, other samples
+    assert study["runs"]["dfm-seed0"]["evals"]["4"]["fd"] != study["runs"]["dfm-seed1"]["evals"]["4"]["fd"]
+    assert study["runs"]["dfm-seed0"]["evals"]["4"]["steps_per_stage"] == [4, 1]
+    assert study["runs"]["sit-seed1"]["evals"]["4"]["steps_per_stage"] == [5]
+    assert study["real"]["accuracy"] > 0.9 and study["real"]["fine_band_ratio"] == pytest.approx(1.0, abs=0.1)
+    from dfm.launch.study_digits import crossing
+
+    assert crossing([1, 2, 3], {1: 8.0, 2: 4.0, 3: 1.0}, 2.0) == pytest.approx(2.5)  # log-linear: 4 -> 1 halfway at 2
+    assert crossing([1, 2], {1: 8.0, 2: 4.0}, 8.0) == 1 and crossing([1, 2], {1: 8.0, 2: 4.0}, 3.0) is None
+    ratio = study["step_ratio"]
+    assert ratio["final_step"] == 4 and set(ratio["per_seed"]) == {"0", "1"}
     table = (tmp_path / "study" / "study.md").read_text()
-    assert "| 4 | 32 |" in table and "real digits" in table
-    # a second call reuses both runs and every evaluation
+    fds = [study["runs"][f"dfm-seed{s}"]["evals"]["4"]["fd"] for s in (0, 1)]
+    mean, std = sum(fds) / 2, abs(fds[0] - fds[1]) / 2**0.5  # the sample standard deviation of two values
+    assert f"| 4 | 32 | {mean:.2f} ± {std:.2f} |" in table and "real digits" in table
+    png = tmp_path / "study" / "study.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # a second call reuses every run and every evaluation
     again = study_main(argv)
     assert again["runs"] == study["runs"]

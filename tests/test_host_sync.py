@@ -176,10 +176,13 @@ def test_staged_sampler_step_has_no_host_sync():
 
 def test_generate_batch_has_no_host_sync_until_the_images(tmp_path):
     """``dfm generate``'s batch: per-index draws on the host, then the device part reads nothing back."""
+    from dfm.launch.train import measure_stage_statistics
+
     from dfm.generation import IndexSampler
     from dfm.models import DFMSiT
 
     cfg = load_config(ROOT / "configs" / "dfm_digits.yaml", TINY)
+    assert measure_stage_statistics(cfg) is not None  # the digits config normalises its stages, as a run would
     torch.manual_seed(0)
     model = DFMSiT.from_config(cfg).eval()
     sampler = IndexSampler(model, cfg, seed=3)

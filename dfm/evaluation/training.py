@@ -27,13 +27,16 @@ import torch
 EVAL_BATCH = 256
 
 
-def eval_samples(model, cfg, decoder=None) -> tuple[np.ndarray | torch.Tensor, torch.Tensor]:
+def eval_samples(
+    model, cfg, decoder=None, count: int | None = None, seed: int | None = None
+) -> tuple[np.ndarray | torch.Tensor, torch.Tensor]:
     """The fixed evaluation set of ``model``: model-space samples (decoded uint8 images with ``decoder``)
-    and their labels."""
+    and their labels; ``count`` samples (default ``train.eval_samples``) from ``seed`` (default the run's)."""
     from dfm.generation import IndexSampler
 
-    sampler = IndexSampler(model, cfg, seed=cfg.seed, labels="balanced", decoder=decoder, sampler_mode="eager")
-    n = cfg.train.eval_samples
+    seed = cfg.seed if seed is None else seed
+    sampler = IndexSampler(model, cfg, seed=seed, labels="balanced", decoder=decoder, sampler_mode="eager")
+    n = cfg.train.eval_samples if count is None else count
     xs, ys = [], []
     for start in range(0, n, EVAL_BATCH):
         indices = range(start, min(n, start + EVAL_BATCH))
@@ -45,7 +48,8 @@ def eval_samples(model, cfg, decoder=None) -> tuple[np.ndarray | torch.Tensor, t
 
 
 class DigitsEvaluator:
-    """``eval/fd`` and ``eval/accuracy`` of the digits classifier on the fixed evaluation set."""
+    """``eval/fd``, ``eval/accuracy`` and ``eval/fine_band_ratio`` of the digits classifier on the fixed evaluation
+    set (:func:`dfm.evaluation.digits.digit_scores`)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -55,7 +59,7 @@ class DigitsEvaluator:
 
         x, y = eval_samples(model, self.cfg)
         scores = digit_scores(x, y, self.cfg.data.resolution)
-        return {"eval/fd": scores["fd"], "eval/accuracy": scores["accuracy"]}
+        return {f"eval/{k}": v for k, v in scores.items()}  # fd, accuracy, fine_band_ratio
 
 
 class InceptionEvaluator:

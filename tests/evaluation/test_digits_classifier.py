@@ -45,9 +45,20 @@ def test_features_and_logits_shapes(classifier):
 def test_real_digits_score_zero_distance_and_high_accuracy(classifier, cache_dir):
     x, y = load_digits_tensor(RESOLUTION)
     scores = digit_scores(x, y, RESOLUTION, cache_dir)
-    assert set(scores) == {"fd", "accuracy"}
+    assert set(scores) == {"fd", "accuracy", "fine_band_ratio"}
     assert abs(scores["fd"]) < 1e-6  # the reference set itself
-    assert scores["accuracy"] >= 0.98
+    assert scores["accuracy"] >= 0.98 and scores["fine_band_ratio"] == pytest.approx(1.0)
+
+
+def test_native_8x8_digits_are_scored_by_the_16x16_classifier(classifier, cache_dir):
+    x8, y = load_digits_tensor(8)
+    x16, _ = load_digits_tensor(RESOLUTION)  # the same originals, resized as the scores resize them
+    g = torch.Generator().manual_seed(0)
+    subset = torch.randperm(len(x8), generator=g)[:500]
+    small = digit_scores(x8[subset], y[subset], 8, cache_dir)
+    large = digit_scores(x16[subset], y[subset], 16, cache_dir)
+    assert small["fd"] == pytest.approx(large["fd"], rel=1e-5) and small["accuracy"] == large["accuracy"]
+    assert small["accuracy"] >= 0.98
 
 
 def test_distance_grows_with_corruption_and_accuracy_falls(classifier, cache_dir):
