@@ -169,8 +169,8 @@ class IndexSampler:
         with autocast(self.device, self.precision, cache_enabled=False):
             if self.fast is None:
                 steps = self.cfg.sample.num_steps
-                x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise)
-                x = normalization.denormalize([x], normalization.flow_scale(self.cfg))[0]
+                x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise,
+                               stage_rms=normalization.flow_scale(self.cfg))  # fmt: skip
             else:
                 x = self.fast.sample(noise, y, previews=False).x
         return x[: draws.count].float()

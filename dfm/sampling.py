@@ -272,6 +272,7 @@ def sample_sde(
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
     step_noise: Callable[[], Tensor] | None = None,
+    stage_rms: list[float] | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampling of a single-stage model (the SiT SDE baseline).
 
@@ -280,6 +281,8 @@ def sample_sde(
     (SiT's "sigma" diffusion form). The last step adds no noise, so the output is the mean estimate.
     ``step_noise`` returns the N(0, I) draw of a step (shape of ``noise``) instead of ``generator``: how
     ``dfm.generation`` keeps each sample's noise a function of its own index, whatever batch it is in.
+    ``stage_rms``: the scale the model's flow runs in (``dfm.normalization``), undone on the result as
+    :class:`StagedSampler` does; None: the data as it is.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -300,4 +303,4 @@ def sample_sde(
             else:
                 z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + (g2 * -dt) ** 0.5 * z
-    return x
+    return normalization.denormalize([x], stage_rms)[0]

@@ -23,8 +23,8 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
     model.eval()
     try:
         if cfg.sample.mode == "sde":
-            x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator)
-            x = normalization.denormalize([x], normalization.flow_scale(cfg))[0]
+            stage_rms = normalization.flow_scale(cfg)
+            x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator, stage_rms=stage_rms)
             return SampleResult(bands=[x], x=x, previews=[x])
         return StagedSampler.from_config(model, cfg).sample(noise, y)
     finally:

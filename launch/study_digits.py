@@ -218,21 +218,16 @@ def checkpoints(cfg: Config, every: int) -> list[Path]:
 def evaluate(ckpt: Path, overrides: list[str], samples: int, seed: int, batch_size: int, cache_dir: str | None) -> dict:
     """Sample ``samples`` digits from the EMA weights of ``ckpt`` with the sampling ``overrides`` and score them."""
     from dfm.evaluation.digits import digit_scores
-    from dfm.generation import IndexSampler
+    from dfm.evaluation.training import eval_samples
     from dfm.pretrained import load_pretrained, pretrained_config
 
     cfg = pretrained_config(ckpt, overrides=overrides)
     model = load_pretrained(ckpt, cfg=cfg)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    sampler = IndexSampler(model, cfg, seed=seed, labels="balanced")
     tic = time.perf_counter()
-    xs, ys = [], []
-    for start in range(0, samples, batch_size):
-        x, y = sampler.sample(range(start, min(samples, start + batch_size)))
-        xs.append(x.cpu())
-        ys.append(y)
+    x, y = eval_samples(model, cfg, count=samples, seed=seed, batch=batch_size)
     sample_s = time.perf_counter() - tic
-    scores = digit_scores(torch.cat(xs), torch.cat(ys), cfg.data.resolution, cache_dir)
+    scores = digit_scores(x, y, cfg.data.resolution, cache_dir)
     return dict(scores, steps_per_stage=cfg.steps_per_stage(), sample_s=round(sample_s, 2))
 
 

@@ -28,18 +28,19 @@ EVAL_BATCH = 256
 
 
 def eval_samples(
-    model, cfg, decoder=None, count: int | None = None, seed: int | None = None
+    model, cfg, decoder=None, count: int | None = None, seed: int | None = None, batch: int = EVAL_BATCH
 ) -> tuple[np.ndarray | torch.Tensor, torch.Tensor]:
     """The fixed evaluation set of ``model``: model-space samples (decoded uint8 images with ``decoder``)
-    and their labels; ``count`` samples (default ``train.eval_samples``) from ``seed`` (default the run's)."""
+    and their labels; ``count`` samples (default ``train.eval_samples``) from ``seed`` (default the run's),
+    ``batch`` at a time (each index is seeded on its own, so the batch changes no sample)."""
     from dfm.generation import IndexSampler
 
     seed = cfg.seed if seed is None else seed
     sampler = IndexSampler(model, cfg, seed=seed, labels="balanced", decoder=decoder, sampler_mode="eager")
     n = cfg.train.eval_samples if count is None else count
     xs, ys = [], []
-    for start in range(0, n, EVAL_BATCH):
-        indices = range(start, min(n, start + EVAL_BATCH))
+    for start in range(0, n, batch):
+        indices = range(start, min(n, start + batch))
         x, y = sampler.sample(indices)
         xs.append(sampler.decode(x) if decoder is not None else x.cpu())
         ys.append(y)
