@@ -1,4 +1,4 @@
-"""Staged sampler throughput: eager vs compiled step vs compiled step replayed from CUDA graphs.
+"""Staged sampler throughput: eager vs compiled step vs CUDA graphs, ours and torch's.
 
 ``pytest benchmarks/bench_sampling.py --benchmark-enable --benchmark-json=sampler.json``, then
 ``python benchmarks/render.py sampler.json``. One call samples a batch of DFM-SiT-S/2 latents (32x32x4)
@@ -6,10 +6,17 @@ along the staged schedule with CFG (w = 4 on stages whose t lies in [0, 0.7], so
 guided steps, with a doubled batch, and unguided ones), previews included. The model runs under bf16
 autocast on CUDA and in fp32 on CPU. ``first_call_s`` is the first call (compile, and capture for
 ``cudagraph``; ``prepare_s`` is that part alone); the benchmark statistics are the steady state.
-``cudagraph`` needs CUDA and is skipped on CPU.
 
-``DFM_BENCH_MODEL``, ``DFM_BENCH_ROUNDS`` override the model and the timed rounds. CUDA runs the
-reference [40, 10] steps at batch 1, 8, 32 and 128; CPU runs [4, 2] steps at batch 1 and 4.
+Providers: ``eager`` (the reference), ``compile`` (the compiled step), ``cudagraph`` (the compiled step
+replayed from the graphs ``dfm.fast_sampling`` captures itself, with static buffers) and
+``reduce-overhead`` (the compiled step under ``torch.compile(mode="reduce-overhead")``, torch's own
+graphs: the plain alternative that the hand-captured ones must beat to keep their place). The two graph
+providers need CUDA and are skipped on CPU.
+
+``DFM_BENCH_MODEL``, ``DFM_BENCH_ROUNDS``, ``DFM_BENCH_BATCHES`` (comma list), ``DFM_BENCH_STEPS`` (steps
+per phase, comma list) and ``DFM_BENCH_CFG`` (0: no guidance, so the NFE is the step count) override the
+defaults: CUDA runs the reference [40, 10] steps at batch 1, 8, 32 and 128; CPU runs [4, 2] steps at
+batch 1 and 4; both with CFG.
 """
 
 from __future__ import annotations
@@ -27,17 +34,23 @@ from dfm.models import build_model
 from dfm.precision import autocast
 from dfm.sampling import StagedSampler, stage_noise, staged_schedule
 
+
+def _ints(name: str, default: str) -> list[int]:
+    return [int(v) for v in os.environ.get(name, default).split(",")]
+
+
 MODEL = os.environ.get("DFM_BENCH_MODEL", "DFM-SiT-S/2")
 ROUNDS = int(os.environ.get("DFM_BENCH_ROUNDS", 10 if HAS_CUDA else 3))
-BATCHES = [1, 8, 32, 128] if HAS_CUDA else [1, 4]
-STEPS = [40, 10] if HAS_CUDA else [4, 2]
+BATCHES = _ints("DFM_BENCH_BATCHES", "1,8,32,128" if HAS_CUDA else "1,4")
+STEPS = _ints("DFM_BENCH_STEPS", "40,10" if HAS_CUDA else "4,2")
 THRESHOLDS = [0.1]
-CFG = dict(cfg_scale=4.0, guidance_low=0.0, guidance_high=0.7, null_class=1000)
-PROVIDERS = [
-    "eager",
-    "compile",
-    pytest.param("cudagraph", marks=pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")),
-]
+GUIDED = os.environ.get("DFM_BENCH_CFG", "1") != "0"
+CFG = dict(cfg_scale=4.0 if GUIDED else 1.0, guidance_low=0.0, guidance_high=0.7, null_class=1000)
+NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")
+PROVIDERS = ["eager", pytest.param("cudagraph", marks=NEEDS_CUDA), pytest.param("reduce-overhead", marks=NEEDS_CUDA),
+             "compile"]  # fmt: skip
+MODES = {"eager": {"mode": "eager"}, "compile": {"mode": "compile"}, "cudagraph": {"mode": "cudagraph"},
+         "reduce-overhead": {"mode": "compile", "compile_mode": "reduce-overhead"}}  # fmt: skip
 
 
 class _WithAutocast(torch.nn.Module):
@@ -66,7 +79,7 @@ def model():
 @pytest.mark.parametrize("batch", BATCHES)
 def test_sampler(benchmark, model, batch, provider):
     schedule = staged_schedule(STEPS, THRESHOLDS)
-    sampler = FastStagedSampler(StagedSampler(model, schedule, **CFG), mode=provider)
+    sampler = FastStagedSampler(StagedSampler(model, schedule, **CFG), **MODES[provider])
     g = torch.Generator(device=DEVICE).manual_seed(0)
     noise = stage_noise(batch, model.model.input_shapes(), generator=g, device=DEVICE)
     y = torch.randint(0, 1000, (batch,), generator=g, device=DEVICE)
@@ -80,7 +93,8 @@ def test_sampler(benchmark, model, batch, provider):
     first = time.perf_counter() - start
     prepare = sampler.last_prepare_s
     run()  # one more untimed call
-    benchmark.group = f"sampler {MODEL} steps={'+'.join(map(str, STEPS))} cfg batch={batch}"
+    guidance = "cfg" if GUIDED else "no cfg"
+    benchmark.group = f"sampler {MODEL} steps={'+'.join(map(str, STEPS))} {guidance} batch={batch}"
     nfe = sum(2 if cfg else 1 for cfg in sampler.sampler.step_is_guided)
     benchmark.extra_info.update(
         provider=provider,

@@ -18,12 +18,17 @@ on CPU, where torch keeps no allocator statistics, it is the growth of the resid
 three steps: the model, optimizer state, EMA and one step's activations, as training holds them.
 
 Cases: ``DFM-SiT-B/8`` (16 tokens: the optimizer, clipping and EMA over 132 M parameters dominate) and
-``DFM-SiT-B/2`` (256 tokens: the matmuls dominate). ``DFM_BENCH_BATCH`` / ``DFM_BENCH_ROUNDS`` override the
-batch and the timed rounds (CUDA: 64 and 20; CPU: 8 and 3).
+``DFM-SiT-B/2`` (256 tokens: the matmuls dominate). ``DFM_BENCH_MODELS`` (comma list) replaces them, e.g.
+``DFM-SiT-XL/2`` for the recipe's model. ``DFM_BENCH_BATCH`` / ``DFM_BENCH_ROUNDS`` override the batch and the
+timed rounds (CUDA: 64 and 20; CPU: 8 and 3); ``DFM_BENCH_BATCH=auto`` (CUDA) takes the largest power of two
+from 32 up at which the reference step runs, found once per model by doubling until the card runs out of
+memory. The engine providers need DeepSpeed and are skipped without it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import resource
@@ -47,26 +52,52 @@ from dfm.objective import DFMObjective  # noqa: E402
 from dfm.precision import autocast, resolve_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["DFM-SiT-B/8", "DFM-SiT-B/2"]
-PROVIDERS = ["reference", "engine", "engine+compile"]
-BATCH = int(os.environ.get("DFM_BENCH_BATCH", 64 if HAS_CUDA else 8))
+MODELS = os.environ.get("DFM_BENCH_MODELS", "DFM-SiT-B/8,DFM-SiT-B/2").split(",")
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+PROVIDERS = ["reference", pytest.param("engine", marks=NEEDS_DEEPSPEED),
+             pytest.param("engine+compile", marks=NEEDS_DEEPSPEED)]  # fmt: skip
+BATCH = os.environ.get("DFM_BENCH_BATCH", "64" if HAS_CUDA else "8")  # a number, or "auto" (CUDA)
 ROUNDS = int(os.environ.get("DFM_BENCH_ROUNDS", 20 if HAS_CUDA else 3))
 LATENT = (4, 32, 32)  # SD-VAE latents of 256 px images
 CLASSES = 1000
 LR, CLIP, EMA_DECAY = 1e-4, 1.0, 0.9999
 
 
-def batch(device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, *LATENT, generator=g)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    x = torch.randn(size, *LATENT, generator=g)
+    y = torch.randint(0, CLASSES, (size,), generator=g)
     return x.to(device), y.to(device)
+
+
+@functools.cache
+def batch_size(model_name: str) -> int:
+    """``DFM_BENCH_BATCH``, or with ``auto`` the largest power of two (from 32) whose reference step fits."""
+    if BATCH != "auto":
+        return int(BATCH)
+    if not HAS_CUDA:
+        return 8
+    fits, size = 0, 32
+    while True:
+        try:
+            step = reference_step(model_name, size)[0]
+            step()
+            synchronize()
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            step = None
+            torch.cuda.empty_cache()
+        fits, size = size, 2 * size
+    if not fits:
+        raise RuntimeError(f"{model_name}: not even batch 32 fits on {torch.cuda.get_device_name()}")
+    return fits
 
 
 # -- reference: the plain step ---------------------------------------------------------------------------
 
 
-def reference_step(model_name: str):
+def reference_step(model_name: str, size: int):
     """A plain training step: what ``engine`` must beat. Returns ``(step, model)``."""
     torch.manual_seed(0)
     model = build_model(model_name, input_size=LATENT[1], num_classes=CLASSES).to(DEVICE)
@@ -74,7 +105,7 @@ def reference_step(model_name: str):
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=True)
     objective = DFMObjective(stages=model.stages, num_classes=CLASSES)
-    x, y = batch(DEVICE)
+    x, y = batch(DEVICE, size)
     generator = torch.Generator(DEVICE).manual_seed(2)
 
     def step():
@@ -104,7 +135,7 @@ def latent_store(root: Path) -> Path:
     return write_store(root, moments.astype(np.float16), rng.integers(0, CLASSES, 64), num_classes=CLASSES)
 
 
-def engine_step(model_name: str, compiled: bool, workdir: Path):
+def engine_step(model_name: str, size: int, compiled: bool, workdir: Path):
     """``Trainer.train_step`` on the engine ``build_trainer`` makes; returns ``(step, model)``."""
     from dfm.launch.train import build_trainer
 
@@ -112,7 +143,7 @@ def engine_step(model_name: str, compiled: bool, workdir: Path):
         f"model={model_name}",
         f"data.data_dir={latent_store(workdir / 'store')}",
         f"output_dir={workdir}",
-        f"train.global_batch_size={BATCH}",
+        f"train.global_batch_size={size}",
         f"train.lr={LR}",
         f"train.grad_clip={CLIP}",
         f"train.ema_decay={EMA_DECAY}",
@@ -126,7 +157,7 @@ def engine_step(model_name: str, compiled: bool, workdir: Path):
     ]
     torch.manual_seed(0)
     trainer = build_trainer(load_config(ROOT / "configs" / "dfm_sit_xl_256.yaml", overrides))
-    x, y = batch(DEVICE)
+    x, y = batch(DEVICE, size)
 
     def data():
         while True:
@@ -136,10 +167,10 @@ def engine_step(model_name: str, compiled: bool, workdir: Path):
     return (lambda: trainer.train_step(stream)), trainer.engine.module
 
 
-def make_step(model_name: str, provider: str, workdir: Path):
+def make_step(model_name: str, provider: str, size: int, workdir: Path):
     if provider == "reference":
-        return reference_step(model_name)
-    return engine_step(model_name, provider == "engine+compile", workdir)
+        return reference_step(model_name, size)
+    return engine_step(model_name, size, provider == "engine+compile", workdir)
 
 
 # -- peak memory -----------------------------------------------------------------------------------------
@@ -150,26 +181,27 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_here(model_name: str, provider: str) -> float:
+def peak_memory_here(model_name: str, provider: str, size: int) -> float:
     """MB: the growth of this (fresh) process's resident set over building the provider and three steps."""
-    import deepspeed  # noqa: F401  (every provider's process holds the same imports before the baseline)
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401  (every provider's process holds the same imports before the baseline)
 
     before = _rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = make_step(model_name, provider, Path(tmp))
+        step, _ = make_step(model_name, provider, size, Path(tmp))
         for _ in range(3):
             step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return (peak - before) / 2**20
 
 
-def peak_memory(model_name: str, provider: str) -> float:
+def peak_memory(model_name: str, provider: str, size: int) -> float:
     """MB of peak memory of ``provider``'s training (see the module docstring)."""
     if HAS_CUDA:
         return torch.cuda.max_memory_allocated() / 2**20
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run(
-        [sys.executable, __file__, "--peak", model_name, provider, str(BATCH)],
+        [sys.executable, __file__, "--peak", model_name, provider, str(size)],
         capture_output=True, text=True, env=env, timeout=900, check=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
@@ -183,7 +215,10 @@ def peak_memory(model_name: str, provider: str) -> float:
 def test_train_step(benchmark, tmp_path, model_name, provider):
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
-    step, model = make_step(model_name, provider, tmp_path)
+    size = batch_size(model_name)
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()  # after the batch search, which ran at larger sizes
+    step, model = make_step(model_name, provider, size, tmp_path)
 
     def timed():
         step()
@@ -193,8 +228,8 @@ def test_train_step(benchmark, tmp_path, model_name, provider):
     timed()  # compiles the forward and backward graphs under engine+compile; lazy optimizer state
     first = time.perf_counter() - start
     timed()  # one more untimed step: allocator and autotuning caches settle
-    benchmark.group = f"train_step {model_name} batch={BATCH} {'x'.join(map(str, LATENT))}"
-    benchmark.extra_info.update(provider=provider, batch=BATCH, first_call_s=round(first, 3))
+    benchmark.group = f"train_step {model_name} batch={size} {'x'.join(map(str, LATENT))}"
+    benchmark.extra_info.update(provider=provider, batch=size, first_call_s=round(first, 3))
     benchmark.extra_info.update(device=flops.device_name(DEVICE), torch=torch.__version__)
     benchmark.extra_info["precision"] = resolve_precision("auto", DEVICE)
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
@@ -202,19 +237,18 @@ def test_train_step(benchmark, tmp_path, model_name, provider):
         return
     median = benchmark.stats.stats.median
     benchmark.extra_info["s_per_step"] = round(median, 4)
-    benchmark.extra_info["images_per_s"] = round(BATCH / median, 2)
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory(model_name, provider), 1)
+    benchmark.extra_info["images_per_s"] = round(size / median, 2)
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory(model_name, provider, size), 1)
     if HAS_CUDA:
-        achieved = flops.training_flops(model.config) * BATCH / median
+        achieved = flops.training_flops(model.config) * size / median
         benchmark.extra_info["tflops"] = round(achieved / 1e12, 1)
-        utilisation = flops.mfu(flops.training_flops(model.config), BATCH / median, flops.device_name(DEVICE))
+        utilisation = flops.mfu(flops.training_flops(model.config), size / median, flops.device_name(DEVICE))
         if utilisation is not None:
             benchmark.extra_info["mfu"] = round(utilisation, 3)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--peak":
-        BATCH = int(sys.argv[4])
-        print(json.dumps({"peak_mem_mb": peak_memory_here(sys.argv[2], sys.argv[3])}))
+        print(json.dumps({"peak_mem_mb": peak_memory_here(sys.argv[2], sys.argv[3], int(sys.argv[4]))}))
     else:
         sys.exit("usage: python benchmarks/bench_train_step.py --peak MODEL PROVIDER BATCH")

@@ -111,8 +111,10 @@ def test_mode_predicate_and_eager_mode(setup):
         sampler_mode("cpu", "cudagraph")
     with pytest.raises(ValueError, match="mode"):
         sampler_mode("cpu", "graph")
-    with pytest.raises(ValueError, match="reduce-overhead"):
+    with pytest.raises(ValueError, match="reduce-overhead"):  # torch's graphs cannot nest in ours
         FastStagedSampler(eager, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        FastStagedSampler(eager, mode="cudagraph", compile_mode="reduce-overhead")
     noise, y = _inputs(model, batch=2)
     want, got = eager.sample(noise, y), FastStagedSampler(eager, mode="auto").sample(noise, y)
     assert torch.equal(want.x, got.x) and all(torch.equal(a, b) for a, b in zip(want.previews, got.previews))
@@ -120,14 +122,21 @@ def test_mode_predicate_and_eager_mode(setup):
         FastStagedSampler(eager).sample(noise[:1], y)
 
 
+GRAPH_MODES = {
+    "cudagraph": dict(mode="cudagraph"),
+    "reduce-overhead": dict(mode="compile", compile_mode="reduce-overhead"),
+}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", list(GRAPH_MODES))  # ours, and torch's that the benchmark compares them with
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_cudagraph_sampler_matches_eager(method, batch):
+def test_cudagraph_sampler_matches_eager(method, batch, graphs):
     model = _model("cuda")
     schedule = staged_schedule(STEPS, THRESHOLDS)
     eager = StagedSampler(model, schedule, method=method, **CFG)
-    fast = FastStagedSampler(eager, mode="cudagraph")
+    fast = FastStagedSampler(eager, **GRAPH_MODES[graphs])
     noise, y = _inputs(model, batch, device="cuda")
     want = eager.sample(noise, y)
     got = fast.sample(noise, y)
