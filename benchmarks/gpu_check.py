@@ -46,6 +46,17 @@ def has_module(name: str) -> bool:
         return False
 
 
+def package_state(name: str) -> str:
+    """``missing``, its version once imported, or ``broken (the error)``: a carried wheel can lack a dependency."""
+    if not has_module(name):
+        return "missing"
+    try:
+        module = importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001  (what broke is the answer)
+        return f"broken ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return str(getattr(module, "__version__", "yes"))
+
+
 def compiler() -> str:
     """The C compiler Triton builds its launcher with on the first launch, or why there is none."""
     cc = shutil.which("gcc") or shutil.which("cc")
@@ -63,7 +74,7 @@ def env() -> int:
     print(f"gpu: {gpu}")
     print(f"torch: {torch.__version__} (CUDA {torch.version.cuda}); Triton {triton.__version__}")
     print(f"python: {platform.python_version()} ({sys.executable})")
-    print("packages: " + ", ".join(f"{n} {'yes' if has_module(n) else 'missing'}" for n in OPTIONAL))
+    print("packages: " + ", ".join(f"{n} {package_state(n)}" for n in OPTIONAL))
     print(f"compiler: {compiler()}")
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     print(f"Python.h: {'yes' if headers.exists() else 'missing'} ({headers})")

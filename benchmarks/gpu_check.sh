@@ -79,8 +79,8 @@ if [ "$HAS_CUDA" = 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n 8)  # the cold Triton and Inductor compiles are CPU-bound: eight workers share the one GPU
 fi
 
-step wheels 30 "$PY" benchmarks/gpu_check.py install "$WHEELS" "$WORK/site"
-step environment 30 "$PY" benchmarks/gpu_check.py env
+step wheels 60 "$PY" benchmarks/gpu_check.py install "$WHEELS" "$WORK/site"
+step environment 60 "$PY" benchmarks/gpu_check.py env
 if ! grep -q '^imports: ok' "$LOGS/environment.log"; then
   echo "gpu_check: the package view does not import: $(grep -m1 '^imports:' "$LOGS/environment.log" || tail -n 1 "$LOGS/environment.log")"
 elif [ "$HAS_CUDA" = 1 ]; then

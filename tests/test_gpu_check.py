@@ -91,6 +91,7 @@ def test_dry_run_collects_everything_and_writes_its_four_files(tmp_path, device_
     summary = (out_dir / "summary.md").read_text()
     assert "no CUDA device" in summary
     assert "deepspeed missing" in summary and "diffusers missing" in summary  # the simulated machine, not ours
+    assert "missing (" not in summary and "broken" not in summary  # compiler and headers are there
     assert "imports: ok" in summary and "/view/dfm" in summary  # dfm came from the script's package view
     for step in ("wheels", "environment", "kernels", "benchmarks_import", "cuda_tests"):
         assert f"| {step} | ok |" in summary, summary
