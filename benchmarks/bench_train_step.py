@@ -77,18 +77,17 @@ def batch_size(model_name: str) -> int:
         return int(BATCH)
     if not HAS_CUDA:
         return 8
+    step_on = reference_setup(model_name)[0]  # one model for the whole search: an XL build takes seconds
     fits, size = 0, 32
     while True:
         try:
-            step = reference_step(model_name, size)[0]
-            step()
+            step_on(*batch(DEVICE, size))
             synchronize()
         except torch.OutOfMemoryError:
             break
-        finally:
-            step = None
-            torch.cuda.empty_cache()
         fits, size = size, 2 * size
+    del step_on
+    torch.cuda.empty_cache()
     if not fits:
         raise RuntimeError(f"{model_name}: not even batch 32 fits on {torch.cuda.get_device_name()}")
     return fits
@@ -99,16 +98,22 @@ def batch_size(model_name: str) -> int:
 
 def reference_step(model_name: str, size: int):
     """A plain training step: what ``engine`` must beat. Returns ``(step, model)``."""
+    step_on, model = reference_setup(model_name)
+    x, y = batch(DEVICE, size)
+    return (lambda: step_on(x, y)), model
+
+
+def reference_setup(model_name: str):
+    """The reference's model, EMA and optimizer; returns ``(step_on(x, y), model)``."""
     torch.manual_seed(0)
     model = build_model(model_name, input_size=LATENT[1], num_classes=CLASSES).to(DEVICE)
     ema = build_model(model_name, input_size=LATENT[1], num_classes=CLASSES).to(DEVICE).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=True)
     objective = DFMObjective(stages=model.stages, num_classes=CLASSES)
-    x, y = batch(DEVICE, size)
     generator = torch.Generator(DEVICE).manual_seed(2)
 
-    def step():
+    def step_on(x, y):
         with autocast(DEVICE):
             loss, _ = objective(model, x, y, generator=generator)
         loss.backward()
@@ -120,7 +125,7 @@ def reference_step(model_name: str, size: int):
                 p_ema.mul_(EMA_DECAY).add_(p, alpha=1 - EMA_DECAY)
         return loss.detach()
 
-    return step, model
+    return step_on, model
 
 
 # -- engine: the step dfm train runs ---------------------------------------------------------------------
