@@ -104,7 +104,7 @@ def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
     """
     local = Path(vae).expanduser()
     if looks_like_path(vae) and not local.exists():
-        raise VaeError(f"VAE folder {local} does not exist")
+        raise VaeError(f"VAE folder {vae} does not exist (looked for {local.absolute()}; a hub name is owner/name)")
     source = str(local.resolve()) if local.exists() else vae
     try:
         config = _load_config(source, subfolder, local_only=True)
@@ -128,19 +128,19 @@ def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
 
 
 def vae_checksum(spec: VaeSpec) -> str | None:
-    """SHA-256 over the VAE's config and weight files (names and bytes), which tells two VAEs of one name apart; a
-    hub name counts through its cached snapshot. None when the files are not on this machine."""
+    """What tells two VAEs of one name apart: ``sha256:<hex>`` over a local folder's config and weight files
+    (names and bytes), ``revision:<commit>`` of a hub name's cached snapshot (the commit fixes its files, some of
+    which may not be downloaded yet); None when neither can be read on this machine."""
     folder = Path(spec.source)
     if not folder.is_dir():
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(spec.source, local_files_only=True))
-        except Exception:  # not cached: the hub name alone identifies it
+            snapshot = Path(snapshot_download(spec.source, local_files_only=True))  # .../snapshots/<commit>
+        except Exception:  # not in the cache
             return None
+        return f"revision:{snapshot.name}"
     folder = folder / spec.subfolder if spec.subfolder else folder
-    if not folder.is_dir():
-        return None
     files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     digest = hashlib.sha256()
     for path in files:
@@ -148,7 +148,7 @@ def vae_checksum(spec: VaeSpec) -> str | None:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
-    return digest.hexdigest()
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_vae(vae: str, subfolder: str | None = None, device: str | torch.device = "cpu"):

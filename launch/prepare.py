@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 -m dfm.launch.prepare encode --source ... --dest ...   # one GPU per rank
     dfm prepare validate --data-dir TARGET --deep
 
-Both steps resume when run again with the same flags.
+Both steps resume when run again with the same flags; a rerun with other ones is refused, naming them.
 """
 
 from __future__ import annotations

@@ -79,19 +79,19 @@ def _read_plan(dest: Path) -> dict:
 
 # What determines a store's content besides the image list: a resumed run, another rank, or a rerun onto a finished
 # store must agree on every one of them, or rows from two VAEs (or two sources) would be mixed silently.
-SETTINGS = ("source", "resolution", "vae", "vae_subfolder", "vae_sha256", "dtype", "chunk_size")
+SETTINGS = ("source", "resolution", "vae", "vae_subfolder", "vae_checksum", "dtype", "chunk_size")
 
 
 def encode_settings(source: str | Path, spec: VaeSpec, dtype: str, chunk_size: int) -> dict:
     """The settings of an encode job (:data:`SETTINGS`): the source by absolute path with its image size, the VAE
-    with the checksum of its config and weights (None where they are not on this machine), dtype and chunking."""
+    with its checksum (:func:`~dfm.vae.vae_checksum`), dtype and chunking."""
     src = ImageSource(source)
     return {
         "source": str(src.path.resolve()),
         "resolution": _source_resolution(src),
         "vae": spec.source,
         "vae_subfolder": spec.subfolder,
-        "vae_sha256": vae_checksum(spec),
+        "vae_checksum": vae_checksum(spec),
         "dtype": str(np.dtype(dtype)),
         "chunk_size": chunk_size,
     }
@@ -291,7 +291,7 @@ def finalize_store(
     recorded = {"vae": vae.to_dict(), "shift": vae.shift_factor} if vae is not None else {}
     scale = vae.scaling_factor if vae is not None else scale
     # The settings a rerun onto the finished store is checked against (:func:`finished_store`).
-    recorded |= {k: plan[k] for k in ("resolution", "vae_sha256") if k in plan}
+    recorded |= {k: plan[k] for k in ("resolution", "vae_checksum") if k in plan}
     manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], skipped=skipped, **recorded)
     if not keep_parts:
         shutil.rmtree(dest / "parts")
@@ -307,7 +307,7 @@ def finished_store(dest: str | Path, settings: dict) -> dict | None:
         return None
     manifest = json.loads(path.read_text())
     vae = VaeSpec.from_manifest(manifest)
-    recorded = {k: manifest[k] for k in ("source", "resolution", "vae_sha256", "dtype") if manifest.get(k) is not None}
+    recorded = {k: manifest[k] for k in ("source", "resolution", "vae_checksum", "dtype") if manifest.get(k) is not None}
     if vae is not None:
         recorded |= {"vae": vae.source, "vae_subfolder": vae.subfolder}
     check_settings(recorded, {k: v for k, v in settings.items() if k in recorded}, path)
