@@ -63,6 +63,10 @@ def encode_argv(source: Path, dest: Path, vae: Path, *extra: str) -> list[str]:
             "2", "--batch-size", "2", *CPU, *extra]  # fmt: skip
 
 
+def convert_argv(source: str, dest: str, resolution: str) -> list[str]:
+    return ["prepare", "convert", "--source", source, "--dest", dest, "--resolution", resolution]
+
+
 def save_npz(path: Path, **arrays) -> Path:
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -202,55 +206,27 @@ CASES = {
     ),
     # 4. convert records source, resolution and transform, and checks the images it keeps
     "convert-rerun-other-resolution": Case(
-        lambda w: ["prepare", "convert", "--source", str(w["raw"]), "--dest", str(w["images"]), "--resolution", "32"],
+        lambda w: convert_argv(str(w["raw"]), str(w["images"]), "32"),
         lambda w: ["dataset.json", "--resolution 16x16", "--resolution 32x32"],
         ("images", "raw"),
     ),
     "convert-zip-rerun-other-resolution": Case(
-        lambda w: ["prepare", "convert", "--source", str(w["raw"]), "--dest", str(w["images_zip"]), "--resolution",
-                   "32"],  # fmt: skip
+        lambda w: convert_argv(str(w["raw"]), str(w["images_zip"]), "32"),
         lambda w: [str(w["images_zip"]), "--resolution 16x16", "--resolution 32x32"],
         ("images_zip",),
     ),
     "convert-resume-other-resolution": Case(
-        lambda w: [
-            "prepare",
-            "convert",
-            "--source",
-            str(w["raw"]),
-            "--dest",
-            str(w["images_interrupted"]),
-            "--resolution",
-            "32",
-        ],  # fmt: skip
+        lambda w: convert_argv(str(w["raw"]), str(w["images_interrupted"]), "32"),
         lambda w: ["convert-plan.json", "--resolution 16x16", "--resolution 32x32"],
         ("images_interrupted",),
     ),
     "convert-rerun-other-source": Case(
-        lambda w: [
-            "prepare",
-            "convert",
-            "--source",
-            str(w["images2"]),
-            "--dest",
-            str(w["images"]),
-            "--resolution",
-            f"{RESOLUTION}",
-        ],  # fmt: skip
+        lambda w: convert_argv(str(w["images2"]), str(w["images"]), f"{RESOLUTION}"),
         lambda w: ["--source", str(w["raw"]), str(w["images2"])],
         ("images",),
     ),
     "convert-older-folder-kept-images-of-other-size": Case(
-        lambda w: [
-            "prepare",
-            "convert",
-            "--source",
-            str(w["raw"]),
-            "--dest",
-            str(w["images_legacy"]),
-            "--resolution",
-            "32",
-        ],  # fmt: skip
+        lambda w: convert_argv(str(w["raw"]), str(w["images_legacy"]), "32"),
         lambda w: [str(w["images_legacy"]), "is 16x16", "--resolution 32x32"],
         ("images_legacy",),
     ),
@@ -340,16 +316,7 @@ CASES = {
         ("new", "empty"),
     ),
     "convert-resolution-too-large": Case(
-        lambda w: [
-            "prepare",
-            "convert",
-            "--source",
-            str(w["raw"]),
-            "--dest",
-            str(w["new"]),
-            "--resolution",
-            "99999999x99999999",
-        ],  # fmt: skip
+        lambda w: convert_argv(str(w["raw"]), str(w["new"]), "99999999x99999999"),
         lambda w: ["--resolution", "99999999x99999999"],
         ("new",),
     ),

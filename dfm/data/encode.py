@@ -307,7 +307,9 @@ def finished_store(dest: str | Path, settings: dict) -> dict | None:
         return None
     manifest = json.loads(path.read_text())
     vae = VaeSpec.from_manifest(manifest)
-    recorded = {k: manifest[k] for k in ("source", "resolution", "vae_checksum", "dtype") if manifest.get(k) is not None}
+    recorded = {
+        k: manifest[k] for k in ("source", "resolution", "vae_checksum", "dtype") if manifest.get(k) is not None
+    }
     if vae is not None:
         recorded |= {"vae": vae.source, "vae_subfolder": vae.subfolder}
     check_settings(recorded, {k: v for k, v in settings.items() if k in recorded}, path)
