@@ -168,33 +168,33 @@ CASES = {
     # 2. a resumed encode records its settings and refuses others, naming both values
     "encode-resume-other-vae": Case(
         lambda w: encode_argv(w["images"], w["crashed"], w["vae_b"]),
-        lambda w: ["plan.json", "vae=", str(w["vae_a"]), str(w["vae_b"])],
+        lambda w: ["plan.json", f"--vae {w['vae_a']} ", f"--vae {w['vae_b']}:"],
         ("crashed", "images"),
     ),
     "encode-resume-same-vae-folder-other-weights": Case(
         lambda w: encode_argv(w["images"], w["crashed_swap"], w["vae_swap"]),
-        lambda w: ["plan.json", "vae_checksum="],
+        lambda w: ["plan.json", "the VAE's checksum sha256:"],
         ("crashed_swap", "vae_swap"),
     ),
     "encode-resume-other-source": Case(
         lambda w: encode_argv(w["images2"], w["crashed"], w["vae_a"]),
-        lambda w: ["source=", str(w["images"]), str(w["images2"])],
+        lambda w: [f"--source {w['images']} ", f"--source {w['images2']}:"],
         ("crashed", "images2"),
     ),
     "encode-resume-other-dtype": Case(
         lambda w: encode_argv(w["images"], w["crashed"], w["vae_a"], "--dtype", "float16"),
-        lambda w: ["dtype=", "float32", "float16"],
+        lambda w: ["--dtype float32 ", "--dtype float16:"],
         ("crashed",),
     ),
     # 3. a finished store under other settings is refused; under the same ones it says it did nothing
     "encode-finished-other-vae": Case(
         lambda w: encode_argv(w["images"], w["store"], w["vae_b"]),
-        lambda w: ["manifest.json", "vae=", str(w["vae_a"]), str(w["vae_b"])],
+        lambda w: ["manifest.json", f"--vae {w['vae_a']} ", f"--vae {w['vae_b']}:"],
         ("store",),
     ),
     "encode-finished-other-source": Case(
         lambda w: encode_argv(w["images2"], w["store"], w["vae_a"]),
-        lambda w: ["manifest.json", "source=", str(w["images"]), str(w["images2"])],
+        lambda w: ["manifest.json", f"--source {w['images']} ", f"--source {w['images2']}:"],
         ("store",),
     ),
     "encode-finished-same-settings": Case(

@@ -125,15 +125,28 @@ def _source_resolution(src: ImageSource) -> list[int] | None:
         return None
 
 
+# How a setting is named to the user: the flag that sets it, or what it is.
+_SETTING_NAMES = {
+    "source": "--source",
+    "resolution": "the source's image size",
+    "vae": "--vae",
+    "vae_subfolder": "--vae-subfolder",
+    "vae_checksum": "the VAE's checksum",
+    "dtype": "--dtype",
+    "chunk_size": "--chunk-size",
+}
+
+
 def check_settings(recorded: dict, settings: dict, where: Path) -> None:
     """Refuse ``settings`` unless they equal those ``where`` records, naming the first that differs with both
     values. A setting the record lacks (a job of an older version) counts as differing: it cannot be shown to
     match."""
     for key in SETTINGS:
         if key in settings and recorded.get(key, "not recorded") != settings[key]:
+            name = _SETTING_NAMES[key]
             raise ValueError(
-                f"{where} records {key}={recorded.get(key, 'not recorded')!r} but this run has "
-                f"{key}={settings[key]!r}: rerun with the recorded setting, or use a fresh --dest"
+                f"{where} records {name} {recorded.get(key, 'not recorded')} but this run has {name} {settings[key]}:"
+                " rerun with the recorded setting, or use a fresh --dest"
             )
 
 
