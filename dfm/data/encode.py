@@ -86,9 +86,10 @@ def encode_settings(source: str | Path, spec: VaeSpec, dtype: str, chunk_size: i
     """The settings of an encode job (:data:`SETTINGS`): the source by absolute path with its image size, the VAE
     with its checksum (:func:`~dfm.vae.vae_checksum`), dtype and chunking."""
     src = ImageSource(source)
+    entries, index = _source_index(src)
     return {
         "source": str(src.path.resolve()),
-        "resolution": _source_resolution(src),
+        "resolution": _source_resolution(src, entries, index),
         "vae": spec.source,
         "vae_subfolder": spec.subfolder,
         "vae_checksum": vae_checksum(spec),
@@ -113,9 +114,8 @@ def _source_index(src: ImageSource) -> tuple[list, dict]:
     return entries, index
 
 
-def _source_resolution(src: ImageSource) -> list[int] | None:
+def _source_resolution(src: ImageSource, entries: list, index: dict) -> list[int] | None:
     """``[width, height]`` of the converted images: as ``dfm prepare convert`` recorded it, else the first image's."""
-    entries, index = _source_index(src)
     if index.get("resolution"):
         return [int(v) for v in index["resolution"]]
     try:
@@ -140,8 +140,13 @@ _SETTING_NAMES = {
 def check_settings(recorded: dict, settings: dict, where: Path) -> None:
     """Refuse ``settings`` unless they equal those ``where`` records, naming the first that differs with both
     values. A setting the record lacks (a job of an older version) counts as differing: it cannot be shown to
-    match."""
+    match. A VAE whose files have the recorded checksum is the same VAE under another path (a copy, another
+    machine's mount)."""
+    checksum = recorded.get("vae_checksum")
+    same_vae_files = str(checksum).startswith("sha256:") and checksum == settings.get("vae_checksum")
     for key in SETTINGS:
+        if key == "vae" and same_vae_files:
+            continue
         if key in settings and recorded.get(key, "not recorded") != settings[key]:
             name = _SETTING_NAMES[key]
             raise ValueError(
