@@ -320,6 +320,16 @@ CASES = {
         lambda w: ["--resolution", "99999999x99999999"],
         ("new",),
     ),
+    "encode-batch-size-zero": Case(
+        lambda w: encode_argv(w["images"], w["crashed"], w["vae_a"], "--batch-size", "0"),
+        lambda w: ["--batch-size", "at least 1"],
+        ("crashed",),
+    ),
+    "convert-max-images-zero": Case(
+        lambda w: [*convert_argv(str(w["raw"]), str(w["new"]), "16"), "--max-images", "0"],
+        lambda w: ["--max-images", "at least 1"],
+        ("new",),
+    ),
     "encode-vae-path-that-does-not-exist": Case(
         lambda w: encode_argv(w["images"], w["new"], "./novae"),
         lambda w: ["novae", "does not exist"],

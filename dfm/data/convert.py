@@ -315,6 +315,8 @@ def convert(
     skipped and reported, never fatal; a source without images is refused.
     """
     resolution = _check_options(resolution, transform)
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {max_images}")
     src, dest = ImageSource(source), Path(dest)
     items, classes = scan_source(src)
     items = items[:max_images] if max_images is not None else items

@@ -368,6 +368,11 @@ def encode(
         raise ValueError("use either procs > 1 (local processes) or an external launcher's ranks, not both")
     # Everything that can be refused is checked before anything is written: a bad --device, VAE or source leaves
     # no store and no plan behind.
+    batch_size, workers = shard_kwargs.get("batch_size", 1), shard_kwargs.get("workers", 0)
+    for flag, value, least in (("--chunk-size", chunk_size, 1), ("--procs", procs, 1), ("--batch-size", batch_size, 1),
+                               ("--workers", workers, 0)):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     resolve_device(device, rank)
     spec = vae_spec(vae, shard_kwargs.get("vae_subfolder"))
     settings = encode_settings(source, spec, dtype, chunk_size)
