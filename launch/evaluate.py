@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=PR_NEIGHBOURS, help="nearest neighbour for precision/recall radii")
     p.add_argument("--pr-batch-size", type=int, default=10000, help="rows/columns per pairwise-distance block")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("batch_size", "is_split_size", "k", "pr_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -103,7 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can be refused is, before the weights are read and the features computed (minutes to
     # hours for 50,000 samples): the device, the inputs' headers and sizes, every output path.
     device = resolve_device(args.device)
-    open_batches(args.samples, args.ref)
+    samples, _, ref_images = open_batches(args.samples, args.ref)
+    if ref_images is not None and min(len(samples), len(ref_images)) <= args.k:
+        # precision/recall take each image's k-th nearest neighbour within its own batch
+        raise ValueError(
+            f"--k {args.k} needs more than {args.k} images in --samples ({len(samples)}) and --ref "
+            f"({len(ref_images)}); lower --k"
+        )
     inputs = (args.samples, args.ref, args.inception_weights, *([args.dinov2_weights] if args.dinov2_weights else []))
     out = check_output_path(args.out or args.samples.with_suffix(".metrics.json"), "--out", inputs)
     if args.save_ref_stats is not None:

@@ -294,6 +294,11 @@ CASES = {
         lambda w: [str(w["no_arr0"]), "arr_0", "images"],
         ("no_arr0",),
     ),
+    "evaluate-k-not-below-the-batch-size": Case(  # precision/recall would fail after every feature is computed
+        lambda w: evaluate_argv(w, w["samples"], w["ref16"], "--k", "4"),
+        lambda w: ["--k 4", "--samples (4)"],
+        ("samples",),
+    ),
     # weak answers made clear
     "evaluate-samples-and-reference-of-other-sizes": Case(
         lambda w: evaluate_argv(w, w["samples"], w["ref32"]),
