@@ -495,11 +495,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path):
     """The content of a YAML file read safely (no Python objects), duplicate keys refused, errors naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as err:  # a binary file (a checkpoint, an image) given by mistake
+        raise ConfigError(f"config file {path} is not a text YAML file (byte {err.start} is not UTF-8)") from None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,30 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> None:
     with atomic_open(path, "w") as f:
         json.dump(data, f, indent=indent)
+
+
+def check_output_path(path: str | Path, flag: str, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse, before any work, an output file that could not be written at the end: ``path`` is a folder, its
+    folder is missing or not writable, or it is one of the command's ``inputs``. Writability is tried with a
+    probe file (created and removed), since permission bits say nothing about read-only or virtual file
+    systems, nor to root. The message names the argument ``flag``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} exists and is not writable")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and os.path.samefile(source, path):
+            raise ValueError(f"{flag} {path} is an input of this command; it would be overwritten")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 # -- an exclusive lock on a folder -------------------------------------------------------------------------

@@ -13,7 +13,9 @@ diffusers is imported on first use only: pixel runs never need it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -86,6 +88,13 @@ def _load_config(source: str, subfolder: str | None, local_only: bool) -> dict:
         return AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=local_only)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``--vae`` names a local path rather than a hub repository (``owner/name``, one slash at most):
+    it starts with ``/``, ``./``, ``../`` or ``~``, or has more separators than a hub name can have."""
+    name = name.replace(os.sep, "/")
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
 def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
     """Read the VAE's config (no weights) and return its spec; a local folder is recorded by absolute path, a hub
     name is looked up in the Hugging Face cache first, then on the hub.
@@ -94,6 +103,8 @@ def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
     name neither cached nor reachable.
     """
     local = Path(vae).expanduser()
+    if looks_like_path(vae) and not local.exists():
+        raise VaeError(f"VAE folder {vae} does not exist (looked for {local.absolute()}; a hub name is owner/name)")
     source = str(local.resolve()) if local.exists() else vae
     try:
         config = _load_config(source, subfolder, local_only=True)
@@ -114,6 +125,30 @@ def vae_spec(vae: str, subfolder: str | None = None) -> VaeSpec:
     scaling = config.get("scaling_factor") or LATENT_SCALE
     shift = config.get("shift_factor") or 0.0
     return VaeSpec(source, subfolder, float(scaling), float(shift))
+
+
+def vae_checksum(spec: VaeSpec) -> str | None:
+    """What tells two VAEs of one name apart: ``sha256:<hex>`` over a local folder's config and weight files
+    (names and bytes), ``revision:<commit>`` of a hub name's cached snapshot (the commit fixes its files, some of
+    which may not be downloaded yet); None when neither can be read on this machine."""
+    folder = Path(spec.source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot = Path(snapshot_download(spec.source, local_files_only=True))  # .../snapshots/<commit>
+        except Exception:  # not in the cache
+            return None
+        return f"revision:{snapshot.name}"
+    folder = folder / spec.subfolder if spec.subfolder else folder
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_vae(vae: str, subfolder: str | None = None, device: str | torch.device = "cpu"):
@@ -186,7 +221,9 @@ __all__ = [
     "VaeError",
     "VaeSpec",
     "load_vae",
+    "looks_like_path",
     "resolve_decoder",
     "store_vae",
+    "vae_checksum",
     "vae_spec",
 ]

@@ -25,13 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from dfm.devices import resolve_device
 from dfm.evaluation.dinov2 import load_dinov2
-from dfm.evaluation.evaluator import evaluate_npz
+from dfm.evaluation.evaluator import evaluate_npz, open_batches
 from dfm.evaluation.inception import load_inception
 from dfm.evaluation.metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS
 from dfm.evaluation.weights import DINOV2_URL, INCEPTION_SHA256_PREFIX, INCEPTION_URL, check_weights_file
+from dfm.files import check_output_path
 
 PUBLISHED_SAMPLES = 50_000  # ADM's, DiT's and SiT's sample count for FID
 FEW_SAMPLES = 10_000  # a fifth of it: FID's upward bias is then clearly visible
@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=PR_NEIGHBOURS, help="nearest neighbour for precision/recall radii")
     p.add_argument("--pr-batch-size", type=int, default=10000, help="rows/columns per pairwise-distance block")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("batch_size", "is_split_size", "k", "pr_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -100,8 +101,20 @@ def size_warnings(num_samples: int, num_reference: int | None) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation; returns the JSON-written dict (metrics plus the inputs that produced them)."""
     args = parse_args(argv)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    # Everything that can be refused is, before the weights are read and the features computed (minutes to
+    # hours for 50,000 samples): the device, the inputs' headers and sizes, every output path.
+    device = resolve_device(args.device)
+    samples, _, ref_images = open_batches(args.samples, args.ref)
+    if ref_images is not None and min(len(samples), len(ref_images)) <= args.k:
+        # precision/recall take each image's k-th nearest neighbour within its own batch
+        raise ValueError(
+            f"--k {args.k} needs more than {args.k} images in --samples ({len(samples)}) and --ref "
+            f"({len(ref_images)}); lower --k"
+        )
+    inputs = (args.samples, args.ref, args.inception_weights, *([args.dinov2_weights] if args.dinov2_weights else []))
+    out = check_output_path(args.out or args.samples.with_suffix(".metrics.json"), "--out", inputs)
+    if args.save_ref_stats is not None:
+        check_output_path(args.save_ref_stats, "--save-ref-stats", inputs)
     checked = [check_weights_file(args.inception_weights, "InceptionV3 (pytorch-fid)", INCEPTION_URL,
                                   INCEPTION_SHA256_PREFIX)]  # fmt: skip
     if args.dinov2_weights:
@@ -137,7 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    out = args.out or args.samples.with_suffix(".metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{args.samples} ({metrics['num_samples']} images) vs {args.ref}")
     print(format_table(results))

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 -m dfm.launch.prepare encode --source ... --dest ...   # one GPU per rank
     dfm prepare validate --data-dir TARGET --deep
 
-Both steps resume when run again with the same flags.
+Both steps resume when run again with the same flags; a rerun with other ones is refused, naming them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dfm.data.convert import TRANSFORMS, convert
 from dfm.data.encode import encode
-from dfm.data.store import validate_store
+from dfm.data.store import MANIFEST, validate_store
 from dfm.vae import DEFAULT_VAE
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ... and {len(report.skipped) - 20} more (listed under 'skipped' in dataset.json)")
         return 0
     if args.command == "encode":
+        finished = (Path(args.dest) / MANIFEST).exists()
         manifest = encode(
             args.source,
             args.dest,
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             skip_bad=args.skip_bad,
         )
-        if manifest is not None:
+        if finished:  # encode checked that the store was made with these settings
+            print(f"encode: {args.dest} is already a complete store of {args.source} with this VAE: nothing to do")
+        elif manifest is not None:
             summary = {k: manifest[k] for k in ("count", "shape", "dtype", "num_classes", "scale", "stats")}
             print(f"encode: {args.dest}: {json.dumps(summary)}; {len(manifest.get('skipped', []))} images skipped")
         return 0

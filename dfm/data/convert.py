@@ -28,6 +28,10 @@ from dfm.files import atomic_path, write_json_atomic
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 TRANSFORMS = ("center-crop-dhariwal", "center-crop")
+# Far above any training resolution, and small enough that one image (MAX_RESOLUTION² x 3 bytes = 768 MiB) fits
+# in a worker's memory: a larger request is a typo, refused up front rather than as a MemoryError per image.
+MAX_RESOLUTION = 16384
+PLAN = "convert-plan.json"  # the settings of a conversion under way, beside its images; removed when it finishes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,6 +47,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
         raise ValueError(f"resolution must look like 256x256 (or 256 for a square), got {text!r}") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"resolution must be positive, got {text!r}")
+    if max(w, h) > MAX_RESOLUTION:
+        raise ValueError(f"--resolution {text} is larger than {MAX_RESOLUTION}x{MAX_RESOLUTION}")
     return w, h
 
 
@@ -243,6 +249,48 @@ def _convert_all(todo: list[tuple[int, str]], initargs: tuple, workers: int, bar
     return errors
 
 
+def _recorded_settings(dest: Path, out_dir: Path) -> tuple[Path, dict] | None:
+    """``(file, settings)`` an earlier conversion into ``dest`` recorded: the plan of one under way, else the
+    ``dataset.json`` of a finished one (folder or zip); None when there was none."""
+    if (out_dir / PLAN).is_file():
+        return out_dir / PLAN, json.loads((out_dir / PLAN).read_text())
+    if dest.is_dir() and (dest / FILES_INDEX).is_file():
+        return dest / FILES_INDEX, json.loads((dest / FILES_INDEX).read_text())
+    if dest.is_file() and zipfile.is_zipfile(dest):
+        with zipfile.ZipFile(dest) as z:
+            if FILES_INDEX in z.namelist():
+                return dest, json.loads(z.read(FILES_INDEX))
+    return None
+
+
+def _check_recorded(dest: Path, out_dir: Path, settings: dict) -> None:
+    """Refuse to resume or redo a conversion under other settings than ``dest`` records (naming both values):
+    images of two resolutions, transforms or sources would otherwise be mixed in one data set. Settings an older
+    version did not record are not compared here; the kept images' sizes still are (:func:`_check_kept_sizes`)."""
+    found = _recorded_settings(dest, out_dir)
+    if found is None:
+        return
+    where, recorded = found
+    for key, value in settings.items():
+        if key in recorded and recorded[key] != value:
+            show = {"resolution": lambda v: "x".join(map(str, v))}.get(key, str)
+            raise ValueError(
+                f"{where} records --{key} {show(recorded[key])} but this run asks for --{key} {show(value)}: "
+                "rerun with the recorded setting, or convert into a fresh --dest"
+            )
+
+
+def _check_kept_sizes(out_dir: Path, kept: list[str], resolution: tuple[int, int]) -> None:
+    """Every image kept from an earlier run has this run's size (the header is read, not the pixels)."""
+    for name in kept:
+        with Image.open(out_dir / name) as img:
+            if img.size != tuple(resolution):
+                raise ValueError(
+                    f"{out_dir / name} is {img.size[0]}x{img.size[1]}, but this run asks for --resolution "
+                    f"{resolution[0]}x{resolution[1]}: convert into a fresh --dest"
+                )
+
+
 def _write_zip(dest: Path, out_dir: Path, names: list[str]) -> None:
     with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         for name in names:  # stored, not deflated: PNGs are compressed already
@@ -262,18 +310,29 @@ def convert(
     """Convert an image folder/zip into centre-cropped PNGs and ``dataset.json`` in a folder or zip ``dest``.
 
     Resumable: images already converted (in the folder, or the staging folder ``<dest>.partial`` of a zip) are
-    kept. Unreadable images are skipped and reported, never fatal.
+    kept, under the same source, resolution and transform only: ``dataset.json`` records them (and ``PLAN`` while
+    the conversion is under way), and another is refused before anything is written. Unreadable images are
+    skipped and reported, never fatal; a source without images is refused.
     """
     resolution = _check_options(resolution, transform)
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {max_images}")
     src, dest = ImageSource(source), Path(dest)
-    to_zip = dest.suffix.lower() == ".zip"
-    out_dir = dest.with_name(dest.name + ".partial") if to_zip else dest
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     items, classes = scan_source(src)
     items = items[:max_images] if max_images is not None else items
+    if not items:
+        raise ValueError(f"no images found in {src.path} (looked for {', '.join(sorted(IMAGE_EXTS))})")
+    settings = {"source": str(src.path.resolve()), "resolution": list(resolution), "transform": transform}
+    to_zip = dest.suffix.lower() == ".zip"
+    out_dir = dest.with_name(dest.name + ".partial") if to_zip else dest
+    _check_recorded(dest, out_dir, settings)
     done = _existing_outputs(out_dir)
     todo = [(i, name) for i, (name, _) in enumerate(items) if output_name(i) not in done]
+    _check_kept_sizes(out_dir, [output_name(i) for i in range(len(items)) if output_name(i) in done], resolution)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / PLAN).exists():
+        write_json_atomic(out_dir / PLAN, settings)
+
     reused = len(items) - len(todo)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 32)
     bar = tqdm(total=len(items), initial=reused, desc="convert", unit="img", disable=not progress)
@@ -282,9 +341,11 @@ def convert(
 
     present = _existing_outputs(out_dir)
     labels = [[output_name(i), y] for i, (_, y) in enumerate(items) if output_name(i) in present and i not in errors]
-    index = {"labels": labels, "classes": classes, "skipped": [list(s) for s in skipped]}
+    index = {"labels": labels, "classes": classes, "skipped": [list(s) for s in skipped], **settings}
     write_json_atomic(out_dir / FILES_INDEX, index)
     if to_zip:
         _write_zip(dest, out_dir, [name for name, _ in labels])
         shutil.rmtree(out_dir)
+    else:
+        (out_dir / PLAN).unlink()
     return ConvertReport(written=len(todo) - len(skipped), reused=reused, skipped=skipped, dest=dest)

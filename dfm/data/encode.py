@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from dfm.data.convert import ImageSource
 from dfm.data.store import FILES_INDEX, LATENT_SCALE, MANIFEST, StoreWriter
+from dfm.devices import resolve_device
 from dfm.files import atomic_open, write_json_atomic
-from dfm.vae import DEFAULT_VAE, VaeSpec, load_vae, vae_spec
+from dfm.vae import DEFAULT_VAE, VaeSpec, load_vae, vae_checksum, vae_spec
 
 
 @torch.no_grad()
@@ -76,50 +77,107 @@ def _read_plan(dest: Path) -> dict:
         return json.load(f)
 
 
-def _encode_plan(source: str | Path, dest: Path, chunk_size: int) -> dict:
-    """Image list and chunking, kept in ``parts/plan.json`` so a resumed or multi-rank run agrees on it."""
+# What determines a store's content besides the image list: a resumed run, another rank, or a rerun onto a finished
+# store must agree on every one of them, or rows from two VAEs (or two sources) would be mixed silently.
+SETTINGS = ("source", "resolution", "vae", "vae_subfolder", "vae_checksum", "dtype", "chunk_size")
+
+
+def encode_settings(source: str | Path, spec: VaeSpec, dtype: str, chunk_size: int) -> dict:
+    """The settings of an encode job (:data:`SETTINGS`): the source by absolute path with its image size, the VAE
+    with its checksum (:func:`~dfm.vae.vae_checksum`), dtype and chunking."""
     src = ImageSource(source)
+    entries, index = _source_index(src)
+    return {
+        "source": str(src.path.resolve()),
+        "resolution": _source_resolution(src, entries, index),
+        "vae": spec.source,
+        "vae_subfolder": spec.subfolder,
+        "vae_checksum": vae_checksum(spec),
+        "dtype": str(np.dtype(dtype)),
+        "chunk_size": chunk_size,
+    }
+
+
+def _source_index(src: ImageSource) -> tuple[list, dict]:
+    """``(labels entries, dataset.json)`` of a converted source; refused when it lists no images."""
     names = set(src.names())
     if FILES_INDEX not in names:
         raise FileNotFoundError(f"{src.path} has no {FILES_INDEX}: run `dfm prepare convert` on the raw images first")
     with src.open(FILES_INDEX) as f:
         index = json.load(f)
     entries = index.get("labels") or []
+    if not entries:
+        raise ValueError(f"{src.path}: {FILES_INDEX} lists no images: nothing to encode")
     missing = [n for n, _ in entries if n not in names]
     if missing:
         raise FileNotFoundError(f"{src.path}: {len(missing)} images listed in {FILES_INDEX} are missing: {missing[0]}")
+    return entries, index
+
+
+def _source_resolution(src: ImageSource, entries: list, index: dict) -> list[int] | None:
+    """``[width, height]`` of the converted images: as ``dfm prepare convert`` recorded it, else the first image's."""
+    if index.get("resolution"):
+        return [int(v) for v in index["resolution"]]
+    try:
+        with src.open(entries[0][0]) as f:
+            return list(Image.open(f).size)  # reads the header only
+    except Exception:  # an unreadable first image is named (or skipped) when it is encoded
+        return None
+
+
+# How a setting is named to the user: the flag that sets it, or what it is.
+_SETTING_NAMES = {
+    "source": "--source",
+    "resolution": "the source's image size",
+    "vae": "--vae",
+    "vae_subfolder": "--vae-subfolder",
+    "vae_checksum": "the VAE's checksum",
+    "dtype": "--dtype",
+    "chunk_size": "--chunk-size",
+}
+
+
+def check_settings(recorded: dict, settings: dict, where: Path) -> None:
+    """Refuse ``settings`` unless they equal those ``where`` records, naming the first that differs with both
+    values. A setting the record lacks (a job of an older version) counts as differing: it cannot be shown to
+    match. A VAE whose files have the recorded checksum is the same VAE under another path (a copy, another
+    machine's mount)."""
+    checksum = recorded.get("vae_checksum")
+    same_vae_files = str(checksum).startswith("sha256:") and checksum == settings.get("vae_checksum")
+    for key in SETTINGS:
+        if key == "vae" and same_vae_files:
+            continue
+        if key in settings and recorded.get(key, "not recorded") != settings[key]:
+            name = _SETTING_NAMES[key]
+            raise ValueError(
+                f"{where} records {name} {recorded.get(key, 'not recorded')} but this run has {name} {settings[key]}:"
+                " rerun with the recorded setting, or use a fresh --dest"
+            )
+
+
+def _encode_plan(source: str | Path, dest: Path, settings: dict) -> dict:
+    """Image list, chunking and :data:`SETTINGS`, kept in ``parts/plan.json`` so that a resumed or multi-rank run
+    agrees on them (any other is refused)."""
+    src = ImageSource(source)
+    entries, index = _source_index(src)
     labels = [int(y) if y is not None else 0 for _, y in entries]
     plan = {
-        "source": str(src.path),
+        **settings,
         "names": [n for n, _ in entries],
         "labels": labels,
         "num_classes": len(index.get("classes") or []) or (max(labels, default=-1) + 1),
-        "chunk_size": chunk_size,
-        "num_chunks": math.ceil(len(entries) / chunk_size),
+        "num_chunks": math.ceil(len(entries) / settings["chunk_size"]),
     }
     path = _plan_path(dest)
     if path.exists():
         old = _read_plan(dest)
-        if {k: old.get(k) for k in ("names", "labels", "chunk_size")} != {
-            k: plan[k] for k in ("names", "labels", "chunk_size")
-        }:
-            raise ValueError(
-                f"{path} records another image list or chunk size: use a fresh --dest or delete {path.parent}"
-            )
+        check_settings(old, settings, path)
+        if {k: old.get(k) for k in ("names", "labels")} != {k: plan[k] for k in ("names", "labels")}:
+            raise ValueError(f"{path} records another image list: use a fresh --dest or delete {path.parent}")
         return old
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
     return plan
-
-
-def pick_device(device: str, rank: int) -> torch.device:
-    """``"auto"`` → this rank's local GPU if CUDA exists, else the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def encode_shard(
@@ -136,15 +194,20 @@ def encode_shard(
     workers: int = 2,
     skip_bad: bool = False,
     progress: bool = True,
+    settings: dict | None = None,
 ) -> list[tuple[str, str]]:
-    """Encode this rank's chunks that are not on disk yet; return the (image, reason) pairs skipped."""
+    """Encode this rank's chunks that are not on disk yet; return the (image, reason) pairs skipped.
+
+    ``settings``: the job's :func:`encode_settings` when the caller has them already (else read here)."""
     dest = Path(dest)
-    plan = _encode_plan(source, dest, chunk_size)
+    dev = resolve_device(device, rank)  # before the plan is written: a bad --device leaves nothing behind
+    if settings is None:
+        settings = encode_settings(source, vae_spec(vae, vae_subfolder), dtype, chunk_size)
+    plan = _encode_plan(source, dest, settings)
     names, k = plan["names"], plan["chunk_size"]
     mine = [c for c in range(rank, plan["num_chunks"], world_size) if not _part_path(dest, c).exists()]
     if not mine:
         return []
-    dev = pick_device(device, rank)
     model = load_vae(vae, vae_subfolder, dev)
     out_dtype = np.dtype(dtype)
     # Batches never straddle a chunk, so each chunk is finished (and saved) as soon as its last batch is done.
@@ -236,7 +299,7 @@ def finalize_store(
             if len(idx) and shape is None:
                 shape, dtype = z["moments"].shape[1:], z["moments"].dtype
     if count == 0:
-        raise RuntimeError(f"every image of {plan['source']} was skipped: nothing to store in {dest}")
+        raise ValueError(f"every image of {plan['source']} was skipped: nothing to store in {dest}")
     writer = StoreWriter(dest, layout, count, shape, dtype)
     for p in tqdm(parts, desc="pack", unit="chunk", disable=len(parts) < 8):
         with np.load(p) as z:
@@ -245,9 +308,29 @@ def finalize_store(
             writer.add(m, labels[idx])
     recorded = {"vae": vae.to_dict(), "shift": vae.shift_factor} if vae is not None else {}
     scale = vae.scaling_factor if vae is not None else scale
+    # The settings a rerun onto the finished store is checked against (:func:`finished_store`).
+    recorded |= {k: plan[k] for k in ("resolution", "vae_checksum") if k in plan}
     manifest = writer.finish(plan["num_classes"], scale, source=plan["source"], skipped=skipped, **recorded)
     if not keep_parts:
         shutil.rmtree(dest / "parts")
+    return manifest
+
+
+def finished_store(dest: str | Path, settings: dict) -> dict | None:
+    """The manifest of the finished store at ``dest``, or None if there is none yet. A store finished under other
+    settings (another VAE, source, resolution or dtype) is refused, naming the setting and both values; settings
+    a store of an older version does not record are not compared (nothing is written either way)."""
+    path = Path(dest) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    vae = VaeSpec.from_manifest(manifest)
+    recorded = {
+        k: manifest[k] for k in ("source", "resolution", "vae_checksum", "dtype") if manifest.get(k) is not None
+    }
+    if vae is not None:
+        recorded |= {"vae": vae.source, "vae_subfolder": vae.subfolder}
+    check_settings(recorded, {k: v for k, v in settings.items() if k in recorded}, path)
     return manifest
 
 
@@ -265,27 +348,41 @@ def encode(
     layout: str = "packed",
     keep_parts: bool = False,
     wait_timeout: float = 24 * 3600.0,
+    chunk_size: int = 1024,
+    dtype: str = "float32",
+    device: str = "auto",
     **shard_kwargs,
 ) -> dict | None:
     """Encode ``source`` into a latent store at ``dest``; returns the manifest, or ``None`` on ranks other than 0.
 
     ``procs > 1`` spawns that many local processes (one per GPU when CUDA exists). Under an external launcher
     (``torchrun``: ``RANK``/``WORLD_SIZE`` set, or ``rank``/``world_size`` given) each rank encodes its chunks and
-    rank 0 waits for all of them, then packs. A store that already has a manifest is left as it is.
+    rank 0 waits for all of them, then packs. A store that already has a manifest is left as it is, and its
+    manifest returned, when it was made with the same settings (:func:`finished_store`); a resumed run must
+    have the settings its plan records (:func:`check_settings`).
     """
     dest = Path(dest)
-    if (dest / MANIFEST).exists():
-        with open(dest / MANIFEST) as f:
-            return json.load(f)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if procs > 1 and world_size > 1:
         raise ValueError("use either procs > 1 (local processes) or an external launcher's ranks, not both")
-    spec = vae_spec(vae, shard_kwargs.get("vae_subfolder"))  # before anything is written: a bad name leaves no store
-    ImageSource(source)  # exists and is a folder or a zip, before dest is made
+    # Everything that can be refused is checked before anything is written: a bad --device, VAE or source leaves
+    # no store and no plan behind.
+    batch_size, workers = shard_kwargs.get("batch_size", 1), shard_kwargs.get("workers", 0)
+    for flag, value, least in (("--chunk-size", chunk_size, 1), ("--procs", procs, 1), ("--batch-size", batch_size, 1),
+                               ("--workers", workers, 0)):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    resolve_device(device, rank)
+    spec = vae_spec(vae, shard_kwargs.get("vae_subfolder"))
+    settings = encode_settings(source, spec, dtype, chunk_size)
+    manifest = finished_store(dest, settings)
+    if manifest is not None:
+        return manifest
+    shard_kwargs |= {"chunk_size": chunk_size, "dtype": dtype, "device": device, "settings": settings}
     dest.mkdir(parents=True, exist_ok=True)
     if procs > 1:
-        _encode_plan(source, dest, shard_kwargs.get("chunk_size", 1024))  # written once, before the ranks race
+        _encode_plan(source, dest, settings)  # written once, before the ranks race
         common = {**shard_kwargs, "source": source, "dest": dest, "vae": spec.source, "world_size": procs}
         ctx = mp.get_context("spawn")
         children = [

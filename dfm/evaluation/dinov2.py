@@ -206,14 +206,14 @@ def config_from_state_dict(state: dict[str, Tensor]) -> DINOv2Config:
     """The architecture a DINOv2 state dict describes (heads = width / 64, as in all released models)."""
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in state:
-            raise KeyError(f"not a DINOv2 state dict: no '{key}'")
+            raise ValueError(f"not a DINOv2 state dict: no '{key}'")
     d = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     depth = len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     if fc1 is None:
-        raise KeyError("not a DINOv2 state dict with an MLP block: no 'blocks.0.mlp.fc1.weight' (ViT-g uses SwiGLU)")
+        raise ValueError("not a DINOv2 state dict with an MLP block: no 'blocks.0.mlp.fc1.weight' (ViT-g uses SwiGLU)")
     reg = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     return DINOv2Config(
         embed_dim=d,
@@ -232,8 +232,8 @@ def load_dinov2(path: str | Path, device: str | torch.device = "cpu") -> DINOv2V
     state = {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in state.items()}
     try:
         cfg = config_from_state_dict(state)
-    except KeyError as e:
-        raise KeyError(f"{path}: {e.args[0]}") from e
+    except ValueError as e:  # a user error of the CLI: one line naming the file
+        raise ValueError(f"{path}: {e.args[0]}") from e
     model = DINOv2ViT(cfg)
     load_strict(model, state, path)
     return model.eval().requires_grad_(False).to(device)

@@ -69,6 +69,28 @@ def dinov2_features(model: nn.Module, images: NpzImages, batch_size: int, device
     return batched_features(lambda x: {"dinov2": model.forward_images(x)}, images, batch_size, device, desc)
 
 
+def open_batches(
+    sample_path: str | Path, ref_path: str | Path
+) -> tuple[NpzImages, dict[str, FeatureStats], NpzImages | None]:
+    """``(samples, reference statistics, reference images or None)`` with every header checked, so that a wrong
+    file is refused before a feature network runs: a missing ``arr_0``, a reference with neither images nor
+    statistics, or reference images of another size than the samples (Inception would resize both to 299 and
+    score them against each other without a word)."""
+    samples = NpzImages(sample_path)
+    ref_stats = read_reference_stats(ref_path)
+    ref_images = NpzImages(ref_path) if IMAGES_KEY in npz_keys(ref_path) else None
+    if ref_images is None and "pool" not in ref_stats:
+        raise ValueError(f"{ref_path}: holds neither reference images ('{IMAGES_KEY}') nor statistics ('mu', 'sigma')")
+    if ref_images is not None and ref_images.shape[1:] != samples.shape[1:]:
+        h, w, _ = samples.shape[1:]
+        rh, rw, _ = ref_images.shape[1:]
+        raise ValueError(
+            f"--samples {sample_path} holds {h}x{w} images but --ref {ref_path} holds {rh}x{rw} images: "
+            "score samples against a reference batch of their own size"
+        )
+    return samples, ref_stats, ref_images
+
+
 def evaluate_npz(
     sample_path: str | Path,
     ref_path: str | Path,
@@ -94,11 +116,7 @@ def evaluate_npz(
     """
     device = torch.device(device)
     bar = (lambda text: text) if progress else (lambda text: None)
-    samples = NpzImages(sample_path)
-    ref_stats = read_reference_stats(ref_path)
-    ref_images = NpzImages(ref_path) if IMAGES_KEY in npz_keys(ref_path) else None
-    if ref_images is None and "pool" not in ref_stats:
-        raise ValueError(f"{ref_path}: holds neither reference images ('{IMAGES_KEY}') nor statistics ('mu', 'sigma')")
+    samples, ref_stats, ref_images = open_batches(sample_path, ref_path)
 
     with ieee_fp32(device):
         sample_feats = inception_features(inception, samples, batch_size, device, bar("Inception: samples"))

@@ -48,7 +48,7 @@ def _open_member(path: Path, key: str) -> Iterator[tuple[IO[bytes], tuple[int, .
     with _archive(path) as zf:
         if f"{key}.npy" not in zf.namelist():
             keys = sorted(n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy"))
-            raise KeyError(f"{path}: no array '{key}' (the file holds: {', '.join(keys) or 'nothing'})")
+            raise ValueError(f"{path}: no array '{key}' (the file holds: {', '.join(keys) or 'nothing'})")
         with zf.open(f"{key}.npy", "r") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -119,7 +119,7 @@ def read_reference_stats(path: str | Path) -> dict[str, FeatureStats]:
                 continue
             if len(present) == 1:
                 missing = ({mu_key, sigma_key} - present).pop()
-                raise KeyError(f"{path}: has '{present.pop()}' but not '{missing}'")
+                raise ValueError(f"{path}: has '{present.pop()}' but not '{missing}'")
             mu, sigma = np.asarray(npz[mu_key], np.float64), np.asarray(npz[sigma_key], np.float64)
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise ValueError(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from data_testing import PER_CLASS
+from data_testing import PER_CLASS, make_tiny_vae
 from PIL import Image
 
 from dfm.data import encode
@@ -64,6 +65,23 @@ def test_encode_by_rank_resumes_and_matches_one_process(tmp_path, prepared, tiny
     assert sharded.layout == "files" and sharded.count == whole.count
     np.testing.assert_array_equal(sharded.labels, whole.labels)
     np.testing.assert_allclose(sharded.gather(np.arange(whole.count)), whole.moments, rtol=0, atol=1e-5)
+
+
+def test_a_resume_refuses_another_vae_but_takes_a_copy_of_the_same(tmp_path, prepared, tiny_vae):
+    """The plan records the VAE with a checksum of its files: other weights are refused whatever their path, the
+    same files under another path (a copy, another machine's mount) resume, and the store equals a whole run's."""
+    src, dest = prepared / "images.zip", tmp_path / "store"
+    common = dict(batch_size=3, chunk_size=4, device="cpu", workers=0, progress=False)
+    encode.encode_shard(src, dest, vae=str(tiny_vae), rank=0, world_size=2, **common)  # rank 1 never ran
+    copy = shutil.copytree(tiny_vae, tmp_path / "copy")
+    plan = (dest / "parts" / "plan.json").read_bytes()
+    other = make_tiny_vae(tmp_path / "other")  # same config, other random weights
+    with pytest.raises(ValueError, match=r"plan.json records --vae .* but this run has --vae .*other"):
+        encode.encode(src, dest, vae=str(other), **common)
+    assert (dest / "parts" / "plan.json").read_bytes() == plan and encode.missing_parts(dest) == [1, 3]
+    manifest = encode.encode(src, dest, vae=str(copy), **common)
+    assert manifest["count"] == 15
+    np.testing.assert_allclose(open_store(dest).moments, open_store(prepared).moments, rtol=0, atol=1e-5)
 
 
 def test_encode_float16_with_two_processes(tmp_path, prepared, tiny_vae):

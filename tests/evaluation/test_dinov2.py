@@ -101,5 +101,5 @@ def test_chunked_block_keys_load(tmp_path):
 def test_not_a_dinov2_file_names_the_file(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(KeyError, match=re.escape(str(path)) + ".*no 'cls_token'"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*no 'cls_token'"):
         load_dinov2(path)
