@@ -90,7 +90,24 @@ def batch_size(model_name: str) -> int:
     torch.cuda.empty_cache()
     if not fits:
         raise RuntimeError(f"{model_name}: not even batch 32 fits on {torch.cuda.get_device_name()}")
+    if importlib.util.find_spec("deepspeed") is not None and not _engine_fits(model_name, fits):
+        fits //= 2  # both providers run one batch, so that their times compare
     return fits
+
+
+def _engine_fits(model_name: str, size: int) -> bool:
+    """Whether the engine's step also runs at ``size`` (its buffers differ from the reference's)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            step = engine_step(model_name, size, False, Path(tmp))[0]
+            step()
+            synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        step = None
+        torch.cuda.empty_cache()
 
 
 # -- reference: the plain step ---------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def pytest_outcome(log: Path) -> dict:
             counts["errors" if what.startswith("error") else what] = int(n)
     return {
         "counts": counts,
+        "collecting": len(re.findall(r"^_+ ERROR collecting ", text, flags=re.M)),
         "skips": re.findall(r"^SKIPPED \[(\d+)\] (.+)$", text, flags=re.M),
         "failures": re.findall(r"^(?:FAILED|ERROR) (.+)$", text, flags=re.M),
         "interrupted": "KeyboardInterrupt" in text,
@@ -179,7 +180,7 @@ def kernel_section(records: list[dict]) -> list[str]:
         if r["provider"] != fast or r["group"].startswith("device copy") or _gbps(r) is None:
             continue
         gbps = _gbps(r)
-        rows.append([r["group"], r["provider"], render._time(r["median"]), f"{gbps:.0f}", f"{gbps / copy:.0%}",
+        rows.append([r["group"], r["provider"], render.format_time(r["median"]), f"{gbps:.0f}", f"{gbps / copy:.0%}",
                      _fmt(r["ratio"], "{:.2f}x")])  # fmt: skip
     return out + _table(["kernel", "provider", "median", "GB/s", "share of copy", "vs eager"], rows)
 
@@ -188,7 +189,7 @@ def provider_section(title: str, records: list[dict], group_prefix: str, columns
     rows = []
     for r in records:
         if r["group"].startswith(group_prefix):
-            cells = [r["group"], r["provider"], render._time(r["median"]), _fmt(r["ratio"], "{:.2f}x")]
+            cells = [r["group"], r["provider"], render.format_time(r["median"]), _fmt(r["ratio"], "{:.2f}x")]
             rows.append(cells + [_fmt(r["extra"].get(key), fmt) for key, _, fmt in columns])
     header = ["case", "provider", "median", "vs baseline"] + [title for _, title, _ in columns]
     return [f"## {title}", ""] + (_table(header, rows) if rows else ["Not measured (see the steps above).", ""])
@@ -197,8 +198,11 @@ def provider_section(title: str, records: list[dict], group_prefix: str, columns
 def graph_verdict(records: list[dict]) -> list[str]:
     """Whether the hand-captured CUDA graphs beat torch's reduce-overhead in the same run: they stay only if so."""
     by = {r["provider"]: r["median"] for r in records if r["group"].startswith("sampler")}
-    if "cudagraph" not in by or "reduce-overhead" not in by:
+    if not by:
         return []
+    if "cudagraph" not in by or "reduce-overhead" not in by:
+        missing = " and ".join(p for p in ("cudagraph", "reduce-overhead") if p not in by)
+        return [f"No verdict on the hand-captured CUDA graphs: {missing} did not finish (see the sampler log).", ""]
     ratio = by["reduce-overhead"] / by["cudagraph"]
     verdict = "keep their place" if ratio > 1 else "lose: replace them with torch.compile(mode='reduce-overhead')"
     return [f"Hand-captured CUDA graphs vs torch's reduce-overhead: **{ratio:.2f}x** — they {verdict}.", ""]
@@ -212,10 +216,8 @@ def tests_section(work: Path) -> list[str]:
             continue
         result = pytest_outcome(log)
         counts = ", ".join(f"{n} {what}" for what, n in result["counts"].items()) or "no closing line"
-        errors = result["counts"].get("errors", 0)
-        out.append(
-            f"- `{name}`: {counts}; collection errors: {errors}" + (" (interrupted)" if result["interrupted"] else "")
-        )
+        errors = f"errors: {result['counts'].get('errors', 0)} ({result['collecting']} of them collecting)"
+        out.append(f"- `{name}`: {counts}; {errors}" + (" (interrupted)" if result["interrupted"] else ""))
         out += [f"  - failed: {line}" for line in result["failures"]]
         out += [f"  - skipped {n}: {reason}" for n, reason in result["skips"]]
     return out + [""]

@@ -19,8 +19,11 @@ PY=${PYTHON:-python}
 mkdir -p "$DEST"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 PURE=(deepspeed diffusers)  # built here from their sources if need be: DS_BUILD_OPS=0 keeps DeepSpeed pure Python
+# diffusers needs huggingface-hub >= 1.32, newer than the one an older timm may have brought: it travels too,
+# with what it needs; each is installed there only where the machine's own version differs.
 DEPS=(einops hjson msgpack ninja psutil py-cpuinfo pydantic pydantic-core annotated-types typing-inspection
-      importlib-metadata zipp regex requests urllib3 idna certifi charset-normalizer)
+      importlib-metadata zipp regex requests urllib3 idna certifi charset-normalizer
+      huggingface-hub hf-xet httpx2 httpcore2 h11 anyio truststore click)
 pins() { for name in "$@"; do echo "$name==$(version "$name")"; done; }
 DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$DEST" $(pins "${PURE[@]}")
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -82,7 +82,8 @@ def with_ratios(records: list[dict]) -> list[dict]:
     return records
 
 
-def _time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
+    """A duration as the tables show it: s, ms or µs."""
     if seconds >= 1:
         return f"{seconds:.3f} s"
     if seconds >= 1e-3:
@@ -103,7 +104,7 @@ def markdown(records: list[dict]) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
         for r in rows:
-            cells = [r["group"], r["provider"], _time(r["median"]), f"{r['ratio']:.2f}x" if r["ratio"] else "–"]
+            cells = [r["group"], r["provider"], format_time(r["median"]), f"{r['ratio']:.2f}x" if r["ratio"] else "–"]
             for key, _, fmt in extras:
                 value = r["extra"].get(key)
                 cells.append(fmt.format(value) if isinstance(value, (int, float)) else "–")

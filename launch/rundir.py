@@ -163,11 +163,12 @@ def launch_record(cfg: Config, world_size: int, **extra) -> dict:
     import dfm
 
     data = str(Path(cfg.data.data_dir).resolve()) if cfg.data.data_dir else None
+    package = Path(dfm.__file__).resolve().parent  # resolved: a linked package view still names its checkout
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
         "cwd": os.getcwd(),
-        "code": {"package": str(Path(dfm.__file__).resolve().parent), **git_commit(Path(dfm.__file__).parent)},
+        "code": {"package": str(package), **git_commit(package)},
         "world_size": world_size,
         "data": {"kind": cfg.data.kind, "data_dir": data},
         "versions": {

@@ -263,13 +263,14 @@ def _recorded_settings(dest: Path, out_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _check_recorded(dest: Path, out_dir: Path, settings: dict) -> None:
+def _check_recorded(dest: Path, out_dir: Path, settings: dict) -> bool:
     """Refuse to resume or redo a conversion under other settings than ``dest`` records (naming both values):
-    images of two resolutions, transforms or sources would otherwise be mixed in one data set. Settings an older
-    version did not record are not compared here; the kept images' sizes still are (:func:`_check_kept_sizes`)."""
+    images of two resolutions, transforms or sources would otherwise be mixed in one data set. Returns whether
+    the resolution was recorded; where it was not (an older version), the caller checks the kept images' sizes
+    (:func:`_check_kept_sizes`) instead."""
     found = _recorded_settings(dest, out_dir)
     if found is None:
-        return
+        return False
     where, recorded = found
     for key, value in settings.items():
         if key in recorded and recorded[key] != value:
@@ -278,6 +279,7 @@ def _check_recorded(dest: Path, out_dir: Path, settings: dict) -> None:
                 f"{where} records --{key} {show(recorded[key])} but this run asks for --{key} {show(value)}: "
                 "rerun with the recorded setting, or convert into a fresh --dest"
             )
+    return "resolution" in recorded
 
 
 def _check_kept_sizes(out_dir: Path, kept: list[str], resolution: tuple[int, int]) -> None:
@@ -325,10 +327,11 @@ def convert(
     settings = {"source": str(src.path.resolve()), "resolution": list(resolution), "transform": transform}
     to_zip = dest.suffix.lower() == ".zip"
     out_dir = dest.with_name(dest.name + ".partial") if to_zip else dest
-    _check_recorded(dest, out_dir, settings)
+    resolution_recorded = _check_recorded(dest, out_dir, settings)
     done = _existing_outputs(out_dir)
     todo = [(i, name) for i, (name, _) in enumerate(items) if output_name(i) not in done]
-    _check_kept_sizes(out_dir, [output_name(i) for i in range(len(items)) if output_name(i) in done], resolution)
+    if not resolution_recorded:  # a header read per kept image: only where no record vouches for them
+        _check_kept_sizes(out_dir, [output_name(i) for i in range(len(items)) if output_name(i) in done], resolution)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / PLAN).exists():
         write_json_atomic(out_dir / PLAN, settings)

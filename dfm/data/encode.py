@@ -82,14 +82,17 @@ def _read_plan(dest: Path) -> dict:
 SETTINGS = ("source", "resolution", "vae", "vae_subfolder", "vae_checksum", "dtype", "chunk_size")
 
 
-def encode_settings(source: str | Path, spec: VaeSpec, dtype: str, chunk_size: int) -> dict:
+def encode_settings(source: str | Path, spec: VaeSpec, dtype: str, chunk_size: int, read_source: bool = True) -> dict:
     """The settings of an encode job (:data:`SETTINGS`): the source by absolute path with its image size, the VAE
-    with its checksum (:func:`~dfm.vae.vae_checksum`), dtype and chunking."""
-    src = ImageSource(source)
-    entries, index = _source_index(src)
+    with its checksum (:func:`~dfm.vae.vae_checksum`), dtype and chunking. ``read_source=False`` (a finished
+    store whose converted images are gone, as they often are after encoding) leaves the image size out: the
+    source is then compared by its path alone."""
+    if read_source:
+        src = ImageSource(source)
+        entries, index = _source_index(src)
     return {
-        "source": str(src.path.resolve()),
-        "resolution": _source_resolution(src, entries, index),
+        "source": str((src.path if read_source else Path(source)).resolve()),
+        "resolution": _source_resolution(src, entries, index) if read_source else None,
         "vae": spec.source,
         "vae_subfolder": spec.subfolder,
         "vae_checksum": vae_checksum(spec),
@@ -316,14 +319,21 @@ def finalize_store(
     return manifest
 
 
-def finished_store(dest: str | Path, settings: dict) -> dict | None:
+def finished_store(dest: str | Path, settings: dict, layout: str | None = None) -> dict | None:
     """The manifest of the finished store at ``dest``, or None if there is none yet. A store finished under other
-    settings (another VAE, source, resolution or dtype) is refused, naming the setting and both values; settings
-    a store of an older version does not record are not compared (nothing is written either way)."""
+    settings (another VAE, source, resolution, dtype or ``layout``) is refused, naming the setting and both
+    values; settings a store of an older version does not record, or that this run could not read (``None``),
+    are not compared (nothing is written either way)."""
     path = Path(dest) / MANIFEST
     if not path.exists():
         return None
     manifest = json.loads(path.read_text())
+    if layout is not None and manifest.get("layout", layout) != layout:
+        raise ValueError(
+            f"{path} records --layout {manifest['layout']} but this run has --layout {layout}:"
+            " rerun with the recorded setting, or use a fresh --dest"
+        )
+    settings = {k: v for k, v in settings.items() if v is not None}
     vae = VaeSpec.from_manifest(manifest)
     recorded = {
         k: manifest[k] for k in ("source", "resolution", "vae_checksum", "dtype") if manifest.get(k) is not None
@@ -375,8 +385,9 @@ def encode(
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     resolve_device(device, rank)
     spec = vae_spec(vae, shard_kwargs.get("vae_subfolder"))
-    settings = encode_settings(source, spec, dtype, chunk_size)
-    manifest = finished_store(dest, settings)
+    finished = (dest / MANIFEST).exists()
+    settings = encode_settings(source, spec, dtype, chunk_size, read_source=not finished or Path(source).exists())
+    manifest = finished_store(dest, settings, layout)
     if manifest is not None:
         return manifest
     shard_kwargs |= {"chunk_size": chunk_size, "dtype": dtype, "device": device, "settings": settings}

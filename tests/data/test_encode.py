@@ -59,7 +59,15 @@ def test_encode_by_rank_resumes_and_matches_one_process(tmp_path, prepared, tiny
     assert encode.encode(src, tmp_path / "sharded", rank=1, world_size=2, **common) is None
     assert encode.missing_parts(tmp_path / "sharded") == []
     assert encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, layout="files", **common)["count"] == 15
-    assert encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, **common)["layout"] == "files"
+    assert encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, layout="files", **common)["layout"] == "files"
+    with pytest.raises(ValueError, match="records --layout files but this run has --layout packed"):
+        encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, **common)
+    gone = src.rename(tmp_path / "images-deleted.zip")  # converted images are often deleted once encoded
+    try:
+        again = encode.encode(src, tmp_path / "sharded", rank=0, world_size=2, layout="files", **common)
+        assert again["count"] == 15  # the finished store, compared with the source by its path
+    finally:
+        gone.rename(src)
     sharded = validate_store(tmp_path / "sharded", deep=True)
     whole = open_store(prepared)
     assert sharded.layout == "files" and sharded.count == whole.count
