@@ -48,6 +48,7 @@ class ArchConfig:
     hidden_size: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
+    qk_norm: bool | None = None  # LayerNorm on q and k per head, as the authors' option (default off)
 
 
 @dataclass

@@ -127,7 +127,7 @@ def detect_layout(source: Source, layout: str | None = None) -> str:
 
 
 def check_training_args(source: Source) -> None:
-    """Refuse objectives our sampler does not solve: another path, another prediction target, qk-norm."""
+    """Refuse objectives our sampler does not solve: another path, another prediction target."""
     args = source.args
     path_type = str(args.get("path_type", "linear")).lower()
     if path_type != "linear":
@@ -135,8 +135,6 @@ def check_training_args(source: Source) -> None:
     prediction = str(args.get("prediction", "v")).lower()
     if prediction not in ("v", "velocity"):
         raise ImportRefused(f"{source.path}: args.prediction is {args['prediction']!r}; only velocity is supported")
-    if args.get("qk_norm"):
-        raise ImportRefused(f"{source.path}: args.qk_norm is true; our attention has no q/k normalisation")
 
 
 # -- key mapping ----------------------------------------------------------------------------------------
@@ -156,9 +154,11 @@ STAGE_RULES = {  # their key -> ours, per layout family
 }
 COMMON_RULES = [
     (r"y_embedder\.embedding_table\.weight", "y_embedder.table.weight"),
-    (rf"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1){_W}", r"blocks.\1.\2.\3"),
+    (
+        rf"blocks\.(\d+)\.(attn\.qkv|attn\.proj|attn\.q_norm|attn\.k_norm|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1){_W}",
+        r"blocks.\1.\2.\3",
+    ),
 ]
-QK_NORM = re.compile(r"blocks\.\d+\.attn\.[qk]_norm\.")
 PROJECTORS = re.compile(r"projectors\.")  # REPA's representation-alignment heads: a training-only loss
 
 
@@ -170,12 +170,10 @@ def _listing(keys: list[str], limit: int = 6) -> str:
 def map_keys(source: Source, layout: str) -> tuple[dict[str, Tensor], list[str]]:
     """Their state dict under our keys (``pos_embed`` kept aside), and notes on the keys that were dropped."""
     rules = [(re.compile(p), r) for p, r in STAGE_RULES["dfm-sit" if layout == "dfm-sit" else "sit"] + COMMON_RULES]
-    mapped, unknown, qk, projectors = {}, [], [], []
+    mapped, unknown, projectors = {}, [], []
     for key, value in source.weights.items():
         if key == "pos_embed":
             mapped[key] = value
-        elif QK_NORM.match(key):
-            qk.append(key)
         elif PROJECTORS.match(key):
             projectors.append(key)
         else:
@@ -184,11 +182,6 @@ def map_keys(source: Source, layout: str) -> tuple[dict[str, Tensor], list[str]]
                 unknown.append(key)
             else:
                 mapped[ours] = value
-    if qk:
-        raise ImportRefused(
-            f"{source.path}: trained with qk-norm ({_listing(sorted(qk))}); our attention has no q/k normalisation, "
-            "and dropping them would change the model"
-        )
     if unknown:
         raise ImportRefused(f"{source.path}: keys with no counterpart in our model: {_listing(sorted(unknown))}")
     notes = [f"dropped {len(projectors)} projectors.* tensors (REPA alignment heads, training only)"]
@@ -223,6 +216,7 @@ class Architecture:
     latent: int  # latent side
     num_classes: int
     null_row: bool  # the label table has the null (CFG) row
+    qk_norm: bool  # the blocks have q/k LayerNorms (timm's qk_norm in the authors' code)
 
 
 def _indices(mapped: dict, pattern: str) -> list[int]:
@@ -383,7 +377,11 @@ def infer_architecture(mapped: dict[str, Tensor], source: Source, options: Optio
     if stated is not None and int(stated) != S:
         raise ImportRefused(f"{path}: args.stages_count is {stated} but the weights have {S} stage(s)")
     latent = _latent_side(mapped, source, options, p, D)
-    return Architecture(name, S, p, depth, D, heads, inner / D, C, latent, num_classes, null_row)
+    qk_norm = any(re.fullmatch(r"blocks\.\d+\.attn\.[qk]_norm\.weight", k) for k in mapped)
+    if "qk_norm" in source.args and bool(source.args["qk_norm"]) != qk_norm:
+        have = "have" if qk_norm else "have no"
+        raise ImportRefused(f"{path}: args.qk_norm is {source.args['qk_norm']} but the weights {have} q/k norms")
+    return Architecture(name, S, p, depth, D, heads, inner / D, C, latent, num_classes, null_row, qk_norm)
 
 
 # -- conversion -------------------------------------------------------------------------------------
@@ -487,7 +485,8 @@ def config_values(arch: Architecture, source: Source, exp_name: str, notes: list
     """The run config of the imported model: architecture, latent data, and their sampling defaults."""
     reg = MODELS[arch.name]
     fields = {"depth": (arch.depth, reg.depth), "hidden_size": (arch.hidden, reg.hidden_size),
-              "num_heads": (arch.heads, reg.num_heads), "mlp_ratio": (arch.mlp_ratio, reg.mlp_ratio)}  # fmt: skip
+              "num_heads": (arch.heads, reg.num_heads), "mlp_ratio": (arch.mlp_ratio, reg.mlp_ratio),
+              "qk_norm": (arch.qk_norm, reg.qk_norm)}  # fmt: skip
     dfm, sample = _schedule_args(source.args, arch.stages, notes)
     dfm.update(stages_count=arch.stages, class_dropout=_class_dropout(arch, source.args))
     data = {"kind": "latents", "resolution": arch.latent, "channels": arch.channels, "num_classes": arch.num_classes}

@@ -113,18 +113,25 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int):
+    """Multi-head self-attention. ``qk_norm``: q and k each through a LayerNorm over the head dim before the dot
+    product, as the authors' code has it (timm 0.9's ``Attention(qk_norm=True)``: affine, eps 1e-5)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        head_dim = hidden_size // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-5) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-5) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, head_dim)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim); views of one projection without qk_norm
+        out = attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -142,10 +149,10 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """adaLN-Zero transformer block: shift/scale/gate for attention and MLP from the conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -198,6 +205,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     stages: int = 1
+    qk_norm: bool = False  # LayerNorm on q and k per head (the authors' option; off in their configs and ours)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -214,6 +222,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be true or false, got {self.qk_norm!r}")
         if not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.hidden_size % self.num_heads:
@@ -254,7 +264,9 @@ class DFMSiT(nn.Module):
         self.t_embedders = nn.ModuleList(TimestepEmbedder(D) for _ in range(config.stages))
         self.y_embedder = LabelEmbedder(config.num_classes, D)
         self.register_buffer("pos_embed", sincos_pos_embed(D, *self.grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(SiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            SiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
+        )
         self.final_layers = nn.ModuleList(FinalLayer(D, p, C) for p in config.stage_patch_sizes)
         self.initialize_weights()
 

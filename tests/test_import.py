@@ -29,8 +29,9 @@ TINY = dict(depth=2, hidden_size=64, num_heads=2, input_size=8, in_channels=4)  
 TINY_FLAGS = ["--num-heads", "2"]  # depth 2 / width 64 is no registered size: heads are not in the weights
 
 
-def tiny_model(stages: int, num_classes: int = 10, seed: int = 0) -> DFMSiT:
-    model = build_model("DFM-SiT-S/2" if stages > 1 else "SiT-S/2", num_classes=num_classes, stages=stages, **TINY)
+def tiny_model(stages: int, num_classes: int = 10, seed: int = 0, qk_norm: bool = False) -> DFMSiT:
+    name = "DFM-SiT-S/2" if stages > 1 else "SiT-S/2"
+    model = build_model(name, num_classes=num_classes, stages=stages, qk_norm=qk_norm, **TINY)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random everywhere: the zero-initialised heads would make output checks vacuous
         for p in model.parameters():
@@ -131,16 +132,18 @@ def ema_drifted(pos: torch.Tensor, steps: int = 2000, decay: float = 0.9999) -> 
     return ema
 
 
-@pytest.mark.parametrize("layout", ["dfm-sit", "authors-sit", "repa"])
+@pytest.mark.parametrize("layout", ["dfm-sit", "dfm-sit-qk-norm", "authors-sit", "repa"])
 def test_training_checkpoints_import_bitwise(tmp_path, layout, capsys):
+    qk_norm = layout.endswith("qk-norm")  # timm's Attention(qk_norm=True): blocks.N.attn.{q,k}_norm, as ours
+    layout = layout.removesuffix("-qk-norm")
     stages = 2 if layout == "dfm-sit" else 1
     family = "dfm" if stages == 2 else "sit"
-    ema, raw = tiny_model(stages, seed=0), tiny_model(stages, seed=1)
+    ema, raw = tiny_model(stages, seed=0, qk_norm=qk_norm), tiny_model(stages, seed=1, qk_norm=qk_norm)
     their_ema, their_raw = their_state(ema, family), their_state(raw, family)
     their_ema["pos_embed"] = ema_drifted(their_ema["pos_embed"])
     assert not torch.equal(their_ema["pos_embed"], their_raw["pos_embed"])
     if layout == "dfm-sit":
-        args, name = dfm_args(), "DFM-SiT-S/2"
+        args, name = dfm_args(qk_norm=qk_norm), "DFM-SiT-S/2"
     elif layout == "authors-sit":  # the same script: it keeps the DFM schedule defaults for SiT runs
         args, name = dfm_args(model="SiT-S/2", stages_count=1, stage_weights=[0.9, 0.1]), "SiT-S/2"
         args.num_steps_per_scale, args.stage_sampling_thresholds = [40, 10], [0.1]
@@ -162,6 +165,7 @@ def test_training_checkpoints_import_bitwise(tmp_path, layout, capsys):
     cfg = pretrained_config(tmp_path / "ema")
     assert (cfg.model, cfg.stages, cfg.arch.depth, cfg.arch.hidden_size, cfg.arch.num_heads) == (name, stages, 2, 64, 2)
     assert (cfg.data.kind, cfg.data.resolution, cfg.data.channels, cfg.data.num_classes) == ("latents", 8, 4, 10)
+    assert cfg.arch.qk_norm is (True if qk_norm else None)  # written only where it differs from the registry
     assert cfg.data.data_dir is None and cfg.dfm.class_dropout == 0.1
     if layout == "dfm-sit":  # their sampling arguments are the imported config's defaults
         assert cfg.steps_per_stage() == [3, 2] and cfg.thresholds() == [0.2] and cfg.dfm.stage_weights == [0.8, 0.2]
@@ -407,7 +411,7 @@ def _finest_first(sd):
     [
         (_drop, "missing keys blocks.1.mlp.fc2.weight"),
         (_reshape, "wrong shapes blocks.0.attn.proj.weight (64, 32) (model: (64, 64))"),
-        (_qk_norm, "trained with qk-norm (blocks.0.attn.k_norm.weight, blocks.0.attn.q_norm.weight)"),
+        (_qk_norm, "args.qk_norm is False but the weights have q/k norms"),
         (_extra, "keys with no counterpart in our model: decoder.head.weight"),
         (_pos_embed, "pos_embed differs from the fixed 2-D sin-cos embedding"),
         (_finest_first, "stage 0 patch embedding has shape (64, 4, 2, 2)"),

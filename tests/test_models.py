@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dfm import pyramid
 from dfm.models import MODELS, PATCHES, SIZES, DFMSiT, build_model, model_config
@@ -193,3 +194,25 @@ def test_backward_reaches_every_parameter():
     sum(v.square().sum() for v in out).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not (p.grad != 0).any()]
     assert missing == []
+
+
+def test_qk_norm_is_the_authors_placement():
+    """``qk_norm``: LayerNorm(head_dim, eps 1e-5, affine) on q and k after the head split, before the scaled dot
+    product (timm 0.9's Attention, which the authors' code builds with qk_norm=True); written out in fp64."""
+    from dfm.models import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, qk_norm=True).double()
+    with torch.no_grad():  # away from LayerNorm's ones/zeros init, so the affine part is tested too
+        for p in (*attn.q_norm.parameters(), *attn.k_norm.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(2, 5, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    q = F.layer_norm(q, (16,), attn.q_norm.weight, attn.q_norm.bias, eps=1e-5)
+    k = F.layer_norm(k, (16,), attn.k_norm.weight, attn.k_norm.bias, eps=1e-5)
+    heads = torch.softmax(q @ k.transpose(-2, -1) / 16**0.5, dim=-1) @ v
+    want = F.linear(heads.transpose(1, 2).reshape(2, 5, 64), attn.proj.weight, attn.proj.bias)
+    with torch.no_grad():
+        got = attn(x)
+    assert (got - want).abs().max() < 1e-12
+    assert not Attention(64, 4).state_dict().keys() & {"q_norm.weight", "k_norm.weight"}  # off: no parameters
