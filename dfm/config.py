@@ -49,6 +49,8 @@ class ArchConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     qk_norm: bool | None = None  # LayerNorm on q and k per head, as the authors' option (default off)
+    pos_embed: Literal["sincos", "rope"] | None = None  # DiT's fixed sin-cos (default) or the paper's 2-D RoPE
+    stage_embedding: bool | None = None  # the paper's stage-index embedding in the adaLN conditioning (off)
 
 
 @dataclass

@@ -51,6 +51,34 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([embed_1d(gx), embed_1d(gy)], dim=1).float()
 
 
+def rope_angles(head_dim: int, grid: tuple[int, ...], theta: float = 10000.0) -> Tensor:
+    """Rotation angles (N, head_dim // 2) of an axial rotary embedding over a token grid of any rank.
+
+    The head dim is read as head_dim // 2 channel pairs, shared out among the grid's axes (row and column; a
+    3-D grid adds time) as evenly as possible, the first axes taking one pair more where they do not divide.
+    Pair i of an axis with P pairs turns by ``pos * theta^(-i / P)``, pos the token's index along that axis;
+    tokens are row-major over the grid, as the patch embedding lays them out.
+    """
+    pairs = head_dim // 2
+    if pairs < len(grid):
+        raise ValueError(f"head dim {head_dim} is too small for a rotary embedding over a {len(grid)}-D grid")
+    counts = [pairs // len(grid) + (a < pairs % len(grid)) for a in range(len(grid))]
+    coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    angles = []
+    for pos, count in zip(coords, counts):
+        freqs = theta ** (-torch.arange(count, dtype=torch.float64) / count)
+        angles.append(pos.reshape(-1, 1) * freqs.reshape(1, -1))
+    return torch.cat(angles, dim=1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the channel pairs (2i, 2i + 1) of ``x`` (..., N, head_dim) by the angles whose cos and sin are
+    given, each (N, head_dim // 2); computed in float32, returned in ``x``'s dtype."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, head_dim / 2) each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
 def timestep_frequencies(dim: int, max_period: float = 10000.0, device=None) -> Tensor:
     """The dim // 2 float32 frequencies ``max_period^(-i / (dim // 2))`` of :func:`timestep_sinusoid`."""
     half = dim // 2
@@ -127,11 +155,14 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-5) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim); views of one projection without qk_norm
-        out = attention(self.q_norm(q), self.k_norm(k), v)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # positions enter as rotations of q and k (after their norms, as in FLUX)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -157,9 +188,9 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -192,6 +223,9 @@ def unpatchify(x: Tensor, patch_size: int, channels: int, grid_h: int, grid_w: i
 # -- model ------------------------------------------------------------------------------------------
 
 
+POS_EMBEDS = ("sincos", "rope")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a (DFM-)SiT. ``input_size`` is the finest stage's (H, W) or one int for square."""
@@ -206,6 +240,8 @@ class ModelConfig:
     num_classes: int = 1000
     stages: int = 1
     qk_norm: bool = False  # LayerNorm on q and k per head (the authors' option; off in their configs and ours)
+    pos_embed: str = "sincos"  # "sincos": DiT's fixed additive embedding; "rope": 2-D rotary on q and k (the paper)
+    stage_embedding: bool = False  # the paper's stage-index embedding added to the adaLN conditioning
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -222,8 +258,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm must be true or false, got {self.qk_norm!r}")
+        for flag in ("qk_norm", "stage_embedding"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
         if not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.hidden_size % self.num_heads:
@@ -263,7 +302,16 @@ class DFMSiT(nn.Module):
         self.x_embedders = nn.ModuleList(PatchEmbed(C, D, p) for p in config.stage_patch_sizes)
         self.t_embedders = nn.ModuleList(TimestepEmbedder(D) for _ in range(config.stages))
         self.y_embedder = LabelEmbedder(config.num_classes, D)
-        self.register_buffer("pos_embed", sincos_pos_embed(D, *self.grid).unsqueeze(0), persistent=False)
+        # The stage index (the number of active stages - 1) as a learned vector added to the conditioning.
+        self.stage_embedder = nn.Embedding(config.stages, D) if config.stage_embedding else None
+        if config.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed(D, *self.grid).unsqueeze(0), persistent=False)
+            self.rope_cos = self.rope_sin = None
+        else:  # rotations computed once for the fixed token grid, applied in every block's attention
+            self.pos_embed = None
+            angles = rope_angles(D // config.num_heads, self.grid)
+            self.register_buffer("rope_cos", torch.cos(angles), persistent=False)
+            self.register_buffer("rope_sin", torch.sin(angles), persistent=False)
         self.blocks = nn.ModuleList(
             SiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
@@ -280,6 +328,8 @@ class DFMSiT(nn.Module):
             nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
             nn.init.zeros_(embed.proj.bias)
         nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        if self.stage_embedder is not None:  # as the label table: a small random vector per stage index
+            nn.init.normal_(self.stage_embedder.weight, std=0.02)
         for t_embedder in self.t_embedders:
             nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
@@ -308,7 +358,7 @@ class DFMSiT(nn.Module):
     def forward(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         if len(x) != self.stages:
             raise ValueError(f"model has {self.stages} stages but got {len(x)} stage tensors")
-        tokens = self.pos_embed.to(x[0].dtype)
+        tokens = self.pos_embed.to(x[0].dtype) if self.pos_embed is not None else 0
         c = self.y_embedder(y)
         for s in range(self.stages):
             x_s = x[s]
@@ -316,8 +366,12 @@ class DFMSiT(nn.Module):
                 x_s = x_s * mask[:, s].to(x_s.dtype).view(-1, 1, 1, 1)
             tokens = tokens + self.x_embedders[s](x_s)
             c = c + self.t_embedders[s](t[:, s])
+        if self.stage_embedder is not None:  # stage k: stages 0..k active (no host read: the index stays on device)
+            k = mask.sum(dim=1) - 1 if mask is not None else torch.full_like(y, self.stages - 1)
+            c = c + self.stage_embedder(k)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = block(tokens, c, rope)
         C = self.config.in_channels
         return [
             unpatchify(head(tokens, c), p, C, *self.grid)

@@ -6,6 +6,8 @@ uses tiny overrides.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,3 +218,70 @@ def test_qk_norm_is_the_authors_placement():
         got = attn(x)
     assert (got - want).abs().max() < 1e-12
     assert not Attention(64, 4).state_dict().keys() & {"q_norm.weight", "k_norm.weight"}  # off: no parameters
+
+
+def _rope_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as complex multiplication (pair (2i, 2i + 1) is x_2i + j x_2i+1), in x's precision."""
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    turn = torch.polar(torch.ones_like(angles, dtype=x.dtype), angles.to(x.dtype))
+    return torch.view_as_real(z * turn).flatten(-2)
+
+
+@pytest.mark.parametrize("grid, head_dim", [((4, 6), 64), ((3, 5), 72), ((2, 3, 4), 64)], ids=str)
+def test_rope_rotates_pairs_and_scores_depend_on_offsets_only(grid, head_dim):
+    from dfm.models import apply_rope, rope_angles
+
+    angles64 = rope_angles(head_dim, grid).double()
+    N = math.prod(grid)
+    assert angles64.shape == (N, head_dim // 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, N, head_dim, generator=g)
+    angles = angles64.float()
+    got = apply_rope(x, torch.cos(angles), torch.sin(angles))
+    same = _rope_reference(x, angles)  # torch's own fp32 error
+    want = _rope_reference(x.double(), angles64)
+    assert (got.double() - want).abs().max() <= 2 * (same.double() - want).abs().max() + 1e-6
+    # The defining property: q.k of rotated vectors depends on the offset between the two positions only.
+    q, k = torch.randn(2, head_dim, generator=g, dtype=torch.float64)
+    rq, rk = _rope_reference(q.expand(N, head_dim), angles64), _rope_reference(k.expand(N, head_dim), angles64)
+    index = torch.arange(N).reshape(grid)
+    zero, last, first = (0,) * len(grid), (0,) * (len(grid) - 1) + (1,), (1,) + (0,) * (len(grid) - 1)
+    both = tuple(a + b for a, b in zip(first, last))
+    assert torch.allclose(rq[index[zero]] @ rk[index[last]], rq[index[first]] @ rk[index[both]], atol=1e-10)
+    assert not torch.allclose(rq[index[zero]] @ rk[index[zero]], rq[index[zero]] @ rk[index[last]], atol=1e-6)
+
+
+def test_rope_model_has_no_additive_position_and_sees_positions():
+    torch.manual_seed(0)
+    model = build_model("DFM-SiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=10,
+                        pos_embed="rope").eval()  # fmt: skip
+    assert model.pos_embed is None and model.rope_cos.shape == (16, 16)  # 4x4 tokens, head dim 32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = [torch.randn(1, *shape) for shape in model.input_shapes()]
+    t, y = torch.full((1, 2), 0.5), torch.tensor([3])
+    flipped = [torch.flip(x_s, dims=[-1]) for x_s in x]  # the same content at mirrored positions
+    with torch.no_grad():
+        out, out_flipped = model(x, t, y), model(flipped, t, y)
+    assert not torch.allclose(torch.flip(out[1], dims=[-1]), out_flipped[1], atol=1e-4)  # not position-blind
+    with pytest.raises(ValueError, match="pos_embed"):
+        build_model("SiT-S/2", pos_embed="learned")
+
+
+def test_stage_embedding_follows_the_active_stages():
+    torch.manual_seed(0)
+    model = build_model("DFM-SiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=10,
+                        stage_embedding=True).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = [torch.randn(2, *shape) for shape in model.input_shapes()]
+    t, y = torch.full((2, 2), 0.5), torch.tensor([1, 2])
+    mask = torch.tensor([[True, False], [True, True]])  # sample 0 at stage 0, sample 1 at stage 1
+    with torch.no_grad():
+        before = model(x, t, y, mask)
+        model.stage_embedder.weight[1].add_(1.0)  # changes the conditioning of stage-1 samples only
+        after = model(x, t, y, mask)
+    assert torch.equal(before[0][0], after[0][0]) and not torch.allclose(before[0][1], after[0][1])
+    assert "stage_embedder.weight" not in build_model("DFM-SiT-S/2", depth=1).state_dict()  # off by default

@@ -44,10 +44,16 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_matches_uninterrupted_run_bitwise(tmp_path, deterministic):
-    run(tiny(tmp_path, "exp_name=straight", "train.max_steps=6"))
-    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=3"))
-    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=6"), resume=True)
+# The paper's architecture options (and the authors' qk-norm): no state beyond their parameters, so the same
+# resume must hold with them on.
+PAPER_ARCH = ["arch.pos_embed=rope", "arch.stage_embedding=true", "arch.qk_norm=true"]
+
+
+@pytest.mark.parametrize("arch", [[], PAPER_ARCH], ids=["default", "rope-stage-qk"])
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path, deterministic, arch):
+    run(tiny(tmp_path, "exp_name=straight", "train.max_steps=6", *arch))
+    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=3", *arch))
+    run(tiny(tmp_path, "exp_name=cut", "train.max_steps=6", *arch), resume=True)
     straight = weights(tmp_path / "straight" / "checkpoints" / "0000006")
     resumed = weights(tmp_path / "cut" / "checkpoints" / "0000006")
     for a, b in zip(straight, resumed):
