@@ -123,10 +123,13 @@ def main(argv: list[str] | None = None) -> float | None:
 
 def check_before_work(cfg: Config, world_size: int) -> None:
     """What training needs beyond a valid config, checked before the run folder, the model or the engine: the
-    latent store (one shard per rank; its shape and classes fill or must match ``data.*``), the metrics
-    backend (``report_to``) and the evaluation files."""
+    batch layout at this world size, the latent store (one shard per rank; its shape and classes fill or must
+    match ``data.*``), the metrics backend (``report_to``) and the evaluation files."""
+    from dfm.launch.engine import batch_layout
+
     from dfm.reporting import check_report_to
 
+    batch_layout(cfg, world_size)  # the batch sizes, before the run folder is locked or created
     if cfg.data.kind == "latents":
         from dfm.data import check_store_matches
 
@@ -270,8 +273,10 @@ def run(
     entry point tests call in-process. The data and settings are checked, then the run folder is locked and
     checked (``dfm.launch.rundir``); the folder is written to only once the engine is built and resumed."""
     from dfm.launch.engine import setup_distributed
-    from dfm.launch.rundir import open_run
+    from dfm.launch.rundir import clear_outputs, open_run
     from dfm.launch.threads import set_threads
+
+    from dfm import distributed
 
     rank, world_size = setup_distributed()
     threads = set_threads(cfg.train.threads)
@@ -283,18 +288,32 @@ def run(
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:
             trainer.resume(resume_from)
+        if overwrite and resume_from is None:  # the new run is built: only now may the old one go
+            distributed.agree(lambda: clear_outputs(cfg.run_dir))
         if rank == 0:
             lock.announce()  # the run has started: from here on the folder is its
             open_outputs(cfg, trainer, resume_from, threads, stats)
-            if resume:
-                found = f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint"
-                print(f"dfm train: {found}", flush=True)
-        return trainer.fit()
+            if resume_from is not None:
+                print(f"dfm train: resumed at step {trainer.state.step} from {resume_from}", flush=True)
+        return fit(trainer)
     finally:
         if trainer is not None and trainer.writer is not None:
             trainer.writer.close()
         if lock is not None:
             lock.release()
+
+
+def fit(trainer) -> float | None:
+    """``trainer.fit()``; Ctrl-C ends it with one line saying where the run stands (the checkpoints are
+    atomic, so an interrupt loses only the steps since the latest one)."""
+    from dfm import checkpoint
+
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        latest = checkpoint.latest_checkpoint(trainer.cfg.run_dir / "checkpoints")
+        saved = f"latest checkpoint: step {int(latest.name)}" if latest is not None else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted at step {trainer.state.step} ({saved}); resume with --resume") from None
 
 
 if __name__ == "__main__":

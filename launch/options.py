@@ -1,0 +1,75 @@
+"""Command-line values the sampling commands share (``dfm sample``, ``dfm generate``): checked where they are
+parsed, so a bad one is one line naming the argument, before any checkpoint is read."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from dfm.config import ConfigError, SampleConfig
+
+SAMPLE_KEYS = frozenset(SampleConfig.__dataclass_fields__)
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1 (a count of samples, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse ``type``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE.match(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text.strip()
+
+
+def check_device(requested: str) -> None:
+    """Refuse a CUDA ``--device`` this machine does not have, before anything is loaded."""
+    if not requested.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+    index = int(requested.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def pick_device(requested: str) -> torch.device:
+    """``--device`` as a device: ``auto`` is the GPU when CUDA is available, else the CPU."""
+    check_device(requested)
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def sampling_overrides(texts: list[str]) -> list[str]:
+    """``key=value`` overrides of the sampling keys, as ``sample.<key>=value`` (the prefix may be left out).
+
+    Any other key is refused by name: the model a checkpoint holds is fixed by its saved config, and changing
+    ``arch.*`` or ``data.*`` there would only fail later, when the weights do not fit."""
+    out = []
+    for text in texts:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        bare = key.removeprefix("sample.")
+        if not sep:
+            raise ConfigError(f"{text!r} is not a key=value override")
+        if bare not in SAMPLE_KEYS:
+            raise ConfigError(
+                f"{key!r} cannot be overridden when sampling a checkpoint: only the sampling keys "
+                f"(sample.*: {', '.join(sorted(SAMPLE_KEYS))})"
+            )
+        out.append(f"sample.{bare}={value}")
+    return out
+
+
+__all__ = ["SAMPLE_KEYS", "check_device", "device_name", "pick_device", "positive_int", "sampling_overrides"]
