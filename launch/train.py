@@ -7,7 +7,8 @@ Many nodes:              deepspeed --hostfile launch/hostfile.example --master_a
                              launch/train.py --config C --data-dir DATA    (see launch/scripts/)
 Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
 Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
-                         (a folder that holds a run needs --resume, or --overwrite to replace it)
+                         (a folder that holds a run needs --resume, or --overwrite to replace it once the
+                         new run is built; --resume of a folder with nothing to resume is refused)
 Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA --exp-name E [--config C]
                          starts at step 0 from the weights of a model without trainer state (a directory
                          written by dfm import, or an exported .safetensors), with its saved config as the
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--model", help="model name, e.g. DFM-SiT-XL/2 or SiT-B/2")
     p.add_argument("--exp-name", help="run name: outputs go to <output_dir>/<exp_name>")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest intact checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="clear a run folder that already holds a run, and start")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run a folder holds (cleared once the new one is built)"
+    )
     p.add_argument("--ckpt", help="resume from this checkpoint directory, or fine-tune from an imported/exported model")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500")
@@ -311,9 +314,13 @@ def fit(trainer) -> float | None:
     try:
         return trainer.fit()
     except KeyboardInterrupt:
-        latest = checkpoint.latest_checkpoint(trainer.cfg.run_dir / "checkpoints")
-        saved = f"latest checkpoint: step {int(latest.name)}" if latest is not None else "no checkpoint yet"
-        raise KeyboardInterrupt(f"interrupted at step {trainer.state.step} ({saved}); resume with --resume") from None
+        step, latest = trainer.state.step, checkpoint.latest_checkpoint(trainer.cfg.run_dir / "checkpoints")
+        if latest is None:
+            message = f"interrupted at step {step}, before the first checkpoint; start again with --overwrite"
+            raise KeyboardInterrupt(message) from None
+        raise KeyboardInterrupt(
+            f"interrupted at step {step} (latest checkpoint: step {int(latest.name)}); resume with --resume"
+        ) from None
 
 
 if __name__ == "__main__":
