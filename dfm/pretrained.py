@@ -122,8 +122,8 @@ def load_pretrained(path: str | Path, cfg: Config | None = None, ema: bool | Non
     if not use_ema and not weights.is_dir():
         raise ValueError(f"{weights} is an exported file holding one set of weights; raw weights need a checkpoint")
     name = checkpoint.EMA_FILE if use_ema else checkpoint.MODEL_FILE
-    if weights.is_dir() and (weights / name).is_file():
-        check_intact(weights, name, *([checkpoint.CONFIG_FILE] if (weights / checkpoint.CONFIG_FILE).is_file() else []))
+    if weights.is_dir() and (weights / name).is_file():  # (a missing file is named by the loader below)
+        check_intact(weights, name)  # the saved config was checked when it was read
     state = checkpoint.load_ema_weights(weights) if use_ema else checkpoint.load_model_weights(weights)
     checkpoint.check_finite(state, weights / name if weights.is_dir() else weights)
     model = DFMSiT.from_config(cfg)

@@ -11,6 +11,8 @@ import torch
 from dfm.config import ConfigError, SampleConfig
 
 SAMPLE_KEYS = frozenset(SampleConfig.__dataclass_fields__)
+# the one key beyond sample.* a sampling command may set: where the latent store (and so its VAE) now is
+STORE_KEY = "data.data_dir"
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -52,10 +54,11 @@ def pick_device(requested: str) -> torch.device:
 
 
 def sampling_overrides(texts: list[str]) -> list[str]:
-    """``key=value`` overrides of the sampling keys, as ``sample.<key>=value`` (the prefix may be left out).
+    """``key=value`` overrides of the sampling keys, as ``sample.<key>=value`` (the prefix may be left out),
+    and of ``data.data_dir`` (a latent store that moved: it names the VAE).
 
     Any other key is refused by name: the model a checkpoint holds is fixed by its saved config, and changing
-    ``arch.*`` or ``data.*`` there would only fail later, when the weights do not fit."""
+    ``arch.*`` or the data's shape there would only fail later, when the weights do not fit."""
     out = []
     for text in texts:
         key, sep, value = text.partition("=")
@@ -63,10 +66,13 @@ def sampling_overrides(texts: list[str]) -> list[str]:
         bare = key.removeprefix("sample.")
         if not sep:
             raise ConfigError(f"{text!r} is not a key=value override")
+        if key == STORE_KEY:
+            out.append(f"{key}={value}")
+            continue
         if bare not in SAMPLE_KEYS:
             raise ConfigError(
                 f"{key!r} cannot be overridden when sampling a checkpoint: only the sampling keys "
-                f"(sample.*: {', '.join(sorted(SAMPLE_KEYS))})"
+                f"(sample.*: {', '.join(sorted(SAMPLE_KEYS))}) and {STORE_KEY}"
             )
         out.append(f"sample.{bare}={value}")
     return out
