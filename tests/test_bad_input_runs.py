@@ -60,6 +60,8 @@ def root(tmp_path_factory) -> Path:
     data = bytearray(ema.read_bytes())
     data[-5] ^= 0x40  # a flipped bit in the last weight: same size, another checksum
     ema.write_bytes(bytes(data))
+    shutil.copytree(ckpt, root / "unlisted" / "0000002")
+    (root / "unlisted" / "0000002" / checkpoint.MANIFEST).unlink()  # what an interrupted copy would leave
 
     assert cli.main(["export", "--ckpt", str(ckpt), "--out", str(root / "exp" / "w.safetensors")]) == 0
     weights = load_file(str(root / "exp" / "w.safetensors"))
@@ -70,6 +72,7 @@ def root(tmp_path_factory) -> Path:
 
     (root / "unrelated.yaml").write_text("a file of the user's, not a config of ours\n")
     (root / "taken.safetensors").write_bytes(b"someone else's weights")
+    (root / "exp.safetensors").mkdir()
 
     gen = ["generate", "--ckpt", root / "done", "--num-samples", "2", "--batch-size", "2", "--device", "cpu"]
     assert cli.main([str(a) for a in [*gen, "--out", root / "s.npz"]]) == 0
@@ -122,6 +125,8 @@ CASES = [
      1, r"{root}/altered/checkpoints/0000002/ema\.safetensors does not match its checksum"),
     ("export-altered", ["export", "--ckpt", "{root}/altered", "--out", "{root}/e.safetensors"],
      1, r"{root}/altered/checkpoints/0000002/ema\.safetensors does not match its checksum"),
+    ("sample-no-manifest", ["sample", "--ckpt", "{root}/unlisted/0000002", "--device", "cpu"],
+     1, r"{root}/unlisted/0000002/manifest\.json is missing"),
     ("sample-nan", ["sample", "--ckpt", "{root}/nan/w.safetensors", "--device", "cpu"],
      1, r"{root}/nan/w\.safetensors: non-finite weights \(NaN or inf\) in y_embedder\.table\.weight$"),
     ("generate-nan", ["generate", "--ckpt", "{root}/nan/w.safetensors", "--out", "{root}/g.npz", "--device", "cpu"],
@@ -140,6 +145,8 @@ CASES = [
     ("export-into-checkpoint", ["export", "--ckpt", "{root}/done/checkpoints/0000002",
                                 "--out", "{root}/done/checkpoints/0000002/ema.safetensors"],
      1, r"--out {root}/done/checkpoints/0000002/ema\.safetensors is inside the checkpoint"),
+    ("export-onto-folder", ["export", "--ckpt", "{root}/done", "--out", "{root}/exp.safetensors/"],
+     1, r"--out {root}/exp\.safetensors is a directory"),
     ("export-unwritable", ["export", "--ckpt", "{root}/done", "--out", "/proc/x.safetensors"],
      1, r"--out /proc/x\.safetensors: cannot write in /proc"),
     # import: non-finite weights are never written; one bad tensor is the one named
