@@ -29,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dfm import distributed
-from dfm.files import fsync_dir, fsync_file, write_text_atomic
+from dfm.files import default_mode, fsync_dir, fsync_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,20 @@ def load_model_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_weights(ckpt_dir / MODEL_FILE)
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights with non-finite values, naming ``source`` and the tensors (what sampling or training
+    them would only turn into black images or a NaN loss much later)."""
+    bad = non_finite(state)
+    if bad:
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {', '.join(bad[:6])}{more}")
+
+
 def all_finite(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> bool:
     """Whether every value is finite (one fused reduction and one host read; for save and log steps)."""
     tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
@@ -190,7 +204,10 @@ def write_manifest(folder: Path, step: int, run_id: str, layout: dict) -> dict:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} " + ("is not a checkpoint directory" if folder.exists() else "does not exist"))
+    path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written by an older version")
     try:
@@ -202,12 +219,21 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def verify(folder: str | Path, checksums: bool = True) -> dict:
+def verify(folder: str | Path, checksums: bool = True, only: Iterable[str] | None = None) -> dict:
     """The manifest of ``folder`` after checking every file it lists (size, and SHA-256 unless ``checksums``
-    is False); raises :class:`CheckpointError` naming the first bad file."""
+    is False), or only the files ``only`` (those a reader is about to read: each must be listed); raises
+    :class:`CheckpointError` naming the first bad file."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    for rel, want in manifest["files"].items():
+    files = manifest["files"]
+    if only is not None:
+        unlisted = [name for name in only if name not in files]
+        if unlisted:
+            raise CheckpointError(
+                f"{folder / MANIFEST} does not list {', '.join(unlisted)}: the checkpoint was altered"
+            )
+        files = {name: files[name] for name in only}
+    for rel, want in files.items():
         path = folder / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CheckpointError(f"{folder / MANIFEST} lists a file outside the checkpoint: {rel}")
@@ -357,6 +383,7 @@ def _write_rank_files(staging: Path, request: SaveRequest, engine: EngineState, 
 def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
     save_file(weights, str(path))
+    default_mode(path)  # safetensors writes 0600; the checkpoint's other files follow the umask
     fsync_dir(path.parent)
 
 
@@ -420,6 +447,7 @@ __all__ = [
     "NonFiniteError",
     "SaveRequest",
     "all_finite",
+    "check_finite",
     "checkpoint_dirs",
     "find_resumable",
     "latest_checkpoint",
@@ -427,6 +455,7 @@ __all__ = [
     "load_model_weights",
     "load_trainer_state",
     "load_weights",
+    "non_finite",
     "prune",
     "read_manifest",
     "rng_state",

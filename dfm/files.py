@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,13 +52,27 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
     fsync_dir(Path(path).parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would (0666 less the umask): some writers (safetensors'
+    ``save_file``) create 0600 files, which would make weights private while the configs beside them are not."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write ``path``'s content to (by any writer); renamed into place on success."""
+    """Yield a temporary path to write ``path``'s content to (by any writer); renamed into place on success
+    with the mode a plain ``open`` gives (:func:`default_mode`)."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         yield tmp
+        default_mode(tmp)
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -106,28 +119,53 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> No
         json.dump(data, f, indent=indent)
 
 
-def check_output_path(path: str | Path, flag: str, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse, before any work, an output file that could not be written at the end: ``path`` is a folder, its
-    folder is missing or not writable, or it is one of the command's ``inputs``. Writability is tried with a
-    probe file (created and removed), since permission bits say nothing about read-only or virtual file
-    systems, nor to root. The message names the argument ``flag``."""
+# -- output files -------------------------------------------------------------------------------------------
+
+
+def check_output(
+    path: str | Path,
+    flag: str = "--out",
+    *,
+    force: bool = False,
+    written_by: str | None = None,
+    inputs: tuple[str | Path, ...] = (),
+    makes_folders: bool = True,
+) -> Path:
+    """Refuse, before any work, an output that could not or should not be written at the end: ``path`` (the
+    argument ``flag`` names, or a file ``written_by`` it) is a folder, one of the command's ``inputs``, an
+    existing file without ``force``, or in a folder that cannot be written (or, unless the writer
+    ``makes_folders``, that does not exist). Writability is tried with a probe file, removed at once: permission
+    bits say nothing about read-only or virtual file systems, nor to root."""
     path = Path(path)
+    what = f"{path} (written beside {flag} {written_by})" if written_by else f"{flag} {path}"
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} exists and is not writable")
+        raise IsADirectoryError(f"{what} is a folder; give a file name")
     for source in inputs:
         if Path(source).exists() and path.exists() and os.path.samefile(source, path):
-            raise ValueError(f"{flag} {path} is an input of this command; it would be overwritten")
-    try:
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or err})") from None
-    os.close(fd)
-    os.unlink(probe)
+            raise ValueError(f"{what} is an input of this command; it would be overwritten")
+    if path.exists() and not force:
+        raise FileExistsError(f"{what} already exists; pass --force to replace it")
+    if not makes_folders and not path.parent.is_dir():
+        raise FileNotFoundError(f"{what}: the folder {path.parent} does not exist")
+    check_can_create(path, what)
     return path
+
+
+def check_can_create(path: str | Path, what: str) -> None:
+    """Refuse, naming ``what``, a ``path`` whose folder (or nearest existing parent: the rest is created when
+    writing) is not a directory or cannot be written; probed with a temporary file, removed at once."""
+    path = Path(path)
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{what} exists and is not writable")
+    probe = temporary_name(folder / path.name)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"{what}: cannot write in {folder} ({err.strerror or err})") from None
 
 
 # -- an exclusive lock on a folder -------------------------------------------------------------------------
@@ -142,7 +180,8 @@ class FolderLock:
     crash by the kernel, so a killed run never leaves a stale lock).
 
     Taking the lock writes nothing: a process refused the folder's use (another holder, or checks that fail
-    after the lock is taken) leaves the folder as it found it, removing the lock file if it made it. Once the
+    after the lock is taken) leaves the folder as it found it, removing the lock file if it made it, and the
+    folder itself (and any parents) if it made them and they are still empty. Once the
     work starts, :meth:`announce` writes who holds the lock, for the message another process gets; releasing
     an announced lock empties the file again.
     """
@@ -152,11 +191,14 @@ class FolderLock:
     def __init__(self, folder: str | Path, what: str):
         self.path, self.what, self._fd = Path(folder) / self.NAME, what, None
         self._created = self._announced = False
+        self._made_dirs: list[Path] = []  # folders acquire() created, deepest first
 
     def acquire(self) -> FolderLock:
         import fcntl
 
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made_dirs = missing
         while True:
             created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -193,6 +235,12 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # before closing: whoever opened it meanwhile is refused
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
+        if not self._announced:  # refused before any work: no empty folders left behind
+            for folder in self._made_dirs:
+                try:
+                    folder.rmdir()  # only if empty: another process may have started using it meanwhile
+                except OSError:
+                    break
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -243,6 +291,9 @@ __all__ = [
     "atomic_folder",
     "atomic_open",
     "atomic_path",
+    "check_can_create",
+    "check_output",
+    "default_mode",
     "env_switch",
     "fsync_dir",
     "fsync_file",

@@ -340,16 +340,26 @@ class ManifestMismatch(ValueError):
     """The shards on disk were made with other settings."""
 
 
+def as_recorded(settings: dict) -> dict:
+    """``settings`` as the manifest (and the merged ``.npz``) record them: JSON values, with the format."""
+    return json.loads(json.dumps(dict(settings, format=MANIFEST_FORMAT)))  # tuples -> lists, as stored
+
+
+def settings_diff(recorded: dict, settings: dict) -> str:
+    """``key: recorded -> new`` for every setting that differs ("" when none does)."""
+    diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    return "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+
+
 def check_manifest(parts: str | Path, settings: dict) -> None:
     """Record ``settings`` in ``parts/manifest.json``, or check that they equal the recorded ones."""
     parts = Path(parts)
-    settings = json.loads(json.dumps(dict(settings, format=MANIFEST_FORMAT)))  # tuples -> lists, as stored
+    settings = as_recorded(settings)
     path = parts / MANIFEST
     if path.is_file():
         recorded = json.loads(path.read_text())
-        if recorded != settings:
-            diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-            details = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        details = settings_diff(recorded, settings)
+        if details:
             raise ManifestMismatch(
                 f"{parts} holds samples made with other settings ({details}); "
                 "use the same settings, another --out, or delete the folder"
@@ -427,6 +437,7 @@ __all__ = [
     "IndexSampler",
     "LABEL_MODES",
     "ManifestMismatch",
+    "as_recorded",
     "check_manifest",
     "clean_temporaries",
     "count_done",
@@ -442,5 +453,6 @@ __all__ = [
     "read_shard",
     "scan_shards",
     "settings_array",
+    "settings_diff",
     "write_shard",
 ]

@@ -32,8 +32,9 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dfm.checkpoint import check_finite
 from dfm.config import Config, ConfigError, config_from_dict
-from dfm.files import atomic_folder
+from dfm.files import atomic_folder, check_can_create, default_mode
 from dfm.models import MODELS, PATCHES, SIZES, DFMSiT, sincos_pos_embed, timestep_frequencies
 from dfm.pretrained import check_state_dict
 from dfm.safe_load import load_torch_file
@@ -349,6 +350,19 @@ def _choose_name(S: int, p: int, depth: int, hidden: int, source: Source, option
     return f"{family}-{size}/{p}"
 
 
+def _mlp_width(mapped: dict[str, Tensor]) -> int:
+    """The MLP width most of the tensors that show it agree on (every block's fc1 rows and bias, fc2 columns),
+    not block 0's alone: one misshapen tensor is then the one ``check_state_dict`` names, rather than making
+    every correct MLP tensor of the other blocks look wrong."""
+    widths = []
+    for key, value in mapped.items():
+        if re.fullmatch(r"blocks\.\d+\.mlp\.fc1\.(weight|bias)", key):
+            widths.append(value.shape[0])
+        elif re.fullmatch(r"blocks\.\d+\.mlp\.fc2\.weight", key) and value.dim() == 2:
+            widths.append(value.shape[1])
+    return max(set(widths), key=lambda w: (widths.count(w), -widths.index(w)))  # a tie: the first seen
+
+
 def infer_architecture(mapped: dict[str, Tensor], source: Source, options: Options) -> Architecture:
     """Everything the model config needs, from the shapes, ``args`` and ``options``; refuses what disagrees."""
     path = source.path
@@ -357,7 +371,8 @@ def infer_architecture(mapped: dict[str, Tensor], source: Source, options: Optio
     if not blocks or blocks != list(range(len(blocks))):
         raise ImportRefused(f"{path}: transformer blocks {blocks[:8]}...; expected blocks 0..depth-1")
     depth = len(blocks)
-    inner = _require(mapped, "blocks.0.mlp.fc1.weight", path).shape[0]
+    _require(mapped, "blocks.0.mlp.fc1.weight", path)
+    inner = _mlp_width(mapped)
     rows = _require(mapped, "y_embedder.table.weight", path).shape[0]
     num_classes, null_row = _label_classes(rows, source, options)
     name = _choose_name(S, p, depth, D, source, options)
@@ -534,6 +549,7 @@ def convert_checkpoint(src: str | Path, options: Options | None = None, exp_name
         raise ImportRefused(f"{source.path}: its arguments do not make a valid config: {err}") from None
     model = DFMSiT.from_config(cfg)
     check_state_dict(model, mapped, source.path)
+    check_finite(mapped, source.path)  # non-finite weights are never written
     if layout == "sit-original":
         reverse_time(mapped, model.t_embedders[0].frequency_size)
         notes.append("time convention (t = 1 at the data, v = x - eps) folded into the weights, exact to fp32 rounding")
@@ -546,24 +562,31 @@ def convert_checkpoint(src: str | Path, options: Options | None = None, exp_name
 
 
 def _check_out(out: Path) -> None:
+    """Before the read of the source: ``out`` is new (or an empty folder) and its folder can be written."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another --out")
+        raise FileExistsError(f"--out {out} already exists and is not empty; remove it or choose another --out")
+    check_can_create(out, f"--out {out}")
 
 
 def write_imported(converted: Converted, out: str | Path) -> Path:
     """Write ``out/ema.safetensors`` and ``out/config.yaml``: staged in a sibling folder, fsynced, renamed."""
     out = Path(out)
     _check_out(out)
-    if out.is_dir():
-        out.rmdir()  # empty (checked above): the staged folder takes its place
-    with atomic_folder(out) as staging:
-        config_yaml = yaml.safe_dump(converted.config.to_dict(), sort_keys=False)
-        src = converted.source
-        metadata = {"config": config_yaml, "model": converted.config.model, "weights": src.entry,
-                    "layout": converted.layout, "source": src.path.name,
-                    "step": "" if src.steps is None else str(src.steps)}  # fmt: skip
-        save_file(converted.weights, str(staging / "ema.safetensors"), metadata=metadata)
-        (staging / "config.yaml").write_text(config_yaml)
+    config_yaml = yaml.safe_dump(converted.config.to_dict(), sort_keys=False)
+    src = converted.source
+    metadata = {"config": config_yaml, "model": converted.config.model, "weights": src.entry,
+                "layout": converted.layout, "source": src.path.name,
+                "step": "" if src.steps is None else str(src.steps)}  # fmt: skip
+    try:
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): the staged folder takes its place
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(out) as staging:
+            save_file(converted.weights, str(staging / "ema.safetensors"), metadata=metadata)
+            default_mode(staging / "ema.safetensors")  # safetensors writes 0600; config.yaml follows the umask
+            (staging / "config.yaml").write_text(config_yaml)
+    except OSError as err:  # a full disk, say: name the user's path, not the staging folder
+        raise OSError(f"--out {out}: writing failed ({err.strerror or err})") from None
     return out
 
 

@@ -35,6 +35,18 @@ def resolve_pretrained(path: str | Path) -> Path:
     )
 
 
+def check_intact(weights: Path, *names: str) -> None:
+    """Check the files ``names`` of a checkpoint directory against its manifest (size and SHA-256), as a resume
+    does, before they are read. An imported directory (``ema.safetensors`` and ``config.yaml`` only) and an
+    exported file carry no manifest; a directory holding a checkpoint's other files without one is refused."""
+    if not weights.is_dir():
+        return
+    if (weights / checkpoint.MANIFEST).is_file():
+        checkpoint.verify(weights, only=names)
+    elif any(weights.glob("trainer_rank*.json")) or (weights / checkpoint.MODEL_FILE).is_file():
+        checkpoint.read_manifest(weights)  # raises: the manifest, written last, is missing
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -46,6 +58,7 @@ def _saved_config_values(weights: Path) -> dict:
     """The config saved with ``weights``: ``config.yaml`` in a directory, ``F.yaml`` or the metadata of ``F``."""
     cfg_file = weights / "config.yaml" if weights.is_dir() else weights.with_suffix(".yaml")
     if cfg_file.is_file():
+        check_intact(weights, checkpoint.CONFIG_FILE)
         text, where = cfg_file.read_text(), cfg_file
     else:
         text, where = None, weights
@@ -100,21 +113,23 @@ def load_pretrained(path: str | Path, cfg: Config | None = None, ema: bool | Non
     or a directory written by ``dfm import``. ``cfg``: the run config to build the model from (default: the
     one saved with the weights, :func:`pretrained_config`). ``ema``: False takes the raw (non-EMA) weights
     of a checkpoint directory; None follows ``cfg.sample.use_ema``. Weights that do not fit the architecture
-    the config describes raise ValueError naming the keys and shapes.
+    the config describes raise ValueError naming the keys and shapes. A checkpoint's files are checked
+    against its manifest first (:func:`check_intact`), and weights holding NaN or inf are refused by name.
     """
     weights = resolve_pretrained(path)
     cfg = cfg if cfg is not None else pretrained_config(weights)
     use_ema = cfg.sample.use_ema if ema is None else ema
-    if use_ema:
-        state = checkpoint.load_ema_weights(weights)
-    elif weights.is_dir():
-        state = checkpoint.load_model_weights(weights)
-    else:
+    if not use_ema and not weights.is_dir():
         raise ValueError(f"{weights} is an exported file holding one set of weights; raw weights need a checkpoint")
+    name = checkpoint.EMA_FILE if use_ema else checkpoint.MODEL_FILE
+    if weights.is_dir() and (weights / name).is_file():  # (a missing file is named by the loader below)
+        check_intact(weights, name)  # the saved config was checked when it was read
+    state = checkpoint.load_ema_weights(weights) if use_ema else checkpoint.load_model_weights(weights)
+    checkpoint.check_finite(state, weights / name if weights.is_dir() else weights)
     model = DFMSiT.from_config(cfg)
     check_state_dict(model, state, weights)
     model.load_state_dict(state)
     return model.eval()
 
 
-__all__ = ["check_state_dict", "load_pretrained", "pretrained_config", "resolve_pretrained"]
+__all__ = ["check_intact", "check_state_dict", "load_pretrained", "pretrained_config", "resolve_pretrained"]

@@ -39,8 +39,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_command(name: str, argv: list[str]) -> int:
-    """Run ``dfm <name> argv``; bad input exits 1 with one line naming the key or file. ``--debug`` (or
-    ``DFM_DEBUG=1``) shows the traceback instead."""
+    """Run ``dfm <name> argv``; bad input exits 1 with one line naming the key or file, Ctrl-C exits 130 with
+    one line (``dfm train`` says the step and how to resume). ``--debug`` (or ``DFM_DEBUG=1``) shows the
+    traceback instead."""
     debug = "--debug" in argv or os.environ.get("DFM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     module = importlib.import_module(COMMANDS[name][0])
@@ -52,6 +53,11 @@ def run_command(name: str, argv: list[str]) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"dfm {name}: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"dfm {name}: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

@@ -31,7 +31,7 @@ from dfm.evaluation.evaluator import evaluate_npz, open_batches
 from dfm.evaluation.inception import load_inception
 from dfm.evaluation.metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS
 from dfm.evaluation.weights import DINOV2_URL, INCEPTION_SHA256_PREFIX, INCEPTION_URL, check_weights_file
-from dfm.files import check_output_path
+from dfm.files import check_output
 
 PUBLISHED_SAMPLES = 50_000  # ADM's, DiT's and SiT's sample count for FID
 FEW_SAMPLES = 10_000  # a fifth of it: FID's upward bias is then clearly visible
@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"({len(ref_images)}); lower --k"
         )
     inputs = (args.samples, args.ref, args.inception_weights, *([args.dinov2_weights] if args.dinov2_weights else []))
-    out = check_output_path(args.out or args.samples.with_suffix(".metrics.json"), "--out", inputs)
+    # A metrics file is evaluate's own output: rerunning replaces it. Its folder is not created.
+    out = check_output(args.out or args.samples.with_suffix(".metrics.json"), "--out", force=True, inputs=inputs,
+                       makes_folders=False)  # fmt: skip
     if args.save_ref_stats is not None:
-        check_output_path(args.save_ref_stats, "--save-ref-stats", inputs)
+        check_output(args.save_ref_stats, "--save-ref-stats", force=True, inputs=inputs, makes_folders=False)
     checked = [check_weights_file(args.inception_weights, "InceptionV3 (pytorch-fid)", INCEPTION_URL,
                                   INCEPTION_SHA256_PREFIX)]  # fmt: skip
     if args.dinov2_weights:

@@ -9,7 +9,9 @@ are gathered when saving), so exporting needs neither a process group nor a GPU,
 and world size of the run. ``--raw`` exports the trained (non-EMA) weights instead: the engine's model
 state for ZeRO 0-2, the fp32 weights consolidated from the shards (DeepSpeed's zero_to_fp32) for ZeRO-3.
 The run config travels with the weights, in the file's metadata (``config``, with ``model`` and
-``step``) and beside it as ``<out>.yaml``.
+``step``) and beside it as ``<out>.yaml``. The checkpoint is verified against its manifest first (an
+altered one is refused); an existing ``--out`` or ``.yaml`` is replaced only with ``--force``, and never
+is a file written into the checkpoint being exported.
 """
 
 from __future__ import annotations
@@ -21,13 +23,30 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dfm.files import atomic_path, write_text_atomic
+from dfm.files import atomic_path, check_output, write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "fp32") -> Path:
-    """Write the weights of checkpoint (or run directory) ``ckpt`` to ``out`` and its config to ``out.yaml``."""
+def check_outputs(ckpt_dir: Path, out: Path, force: bool = False) -> Path:
+    """Refuse, before anything is read: an ``out`` (or the ``.yaml`` written beside it) that exists without
+    ``force`` or cannot be written, and any ``out`` inside the checkpoint being exported (writing there would
+    break the checkpoint's manifest). Returns the config's path."""
+    config_out = out.with_suffix(".yaml")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: expected a .safetensors file (its config goes beside it as .yaml)")
+    if out.resolve().is_relative_to(ckpt_dir.resolve()):
+        raise ValueError(f"--out {out} is inside the checkpoint {ckpt_dir} it exports: write it elsewhere")
+    check_output(out, force=force)
+    check_output(config_out, force=force, written_by=str(out))
+    return config_out
+
+
+def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "fp32", force: bool = False) -> Path:
+    """Write the weights of checkpoint (or run directory) ``ckpt`` to ``out`` and its config to ``out.yaml``.
+
+    The checkpoint's files are checked against its manifest and for finite values first
+    (``dfm.pretrained.load_pretrained``): an altered checkpoint is refused, never exported as a clean file."""
     import yaml
 
     from dfm.pretrained import load_pretrained, resolve_pretrained
@@ -35,7 +54,9 @@ def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "f
     ckpt_dir = resolve_pretrained(ckpt)
     if not ckpt_dir.is_dir():
         raise ValueError(f"{ckpt_dir} is already an exported file")
-    model = load_pretrained(ckpt_dir, ema=not raw)  # every key and shape checked against the saved config
+    out = Path(out)
+    config_out = check_outputs(ckpt_dir, out, force)
+    model = load_pretrained(ckpt_dir, ema=not raw)  # verified, and every key and shape checked
     weights = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     config_yaml = (ckpt_dir / "config.yaml").read_text()
     config = yaml.safe_load(config_yaml)
@@ -45,11 +66,13 @@ def export(ckpt: str | Path, out: str | Path, raw: bool = False, dtype: str = "f
         "step": str(int(ckpt_dir.name)) if ckpt_dir.name.isdigit() else "",
         "weights": "raw" if raw else "ema",
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        save_file(weights, str(tmp), metadata=metadata)
-    write_text_atomic(out.with_suffix(".yaml"), config_yaml)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            save_file(weights, str(tmp), metadata=metadata)
+        write_text_atomic(config_out, config_yaml)
+    except OSError as err:  # a full disk, say: name the user's path, not the temporary one
+        raise OSError(f"--out {out}: writing failed ({err.strerror or err})") from None
     return out
 
 
@@ -59,9 +82,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="output .safetensors path (the config goes beside it as .yaml)")
     p.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored precision (default fp32)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out and the .yaml beside it")
     args = p.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, raw=args.raw, dtype=args.dtype)
+        out = export(args.ckpt, args.out, raw=args.raw, dtype=args.dtype, force=args.force)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm export: {err}")
     print(f"dfm export: wrote {out} and {out.with_suffix('.yaml')}")

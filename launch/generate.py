@@ -15,10 +15,11 @@ the same command again after a crash (or after ``--max-batches``) produces only 
 world size (on several nodes, ``<out>`` must be on a file system every rank sees). When every index
 exists, rank 0 writes ``<out>`` (``arr_0`` uint8 N x H x W x 3, labels in ``arr_1`` and ``labels``) and
 removes the parts (``--keep-parts`` keeps them); ``settings`` in the ``.npz`` records what made the
-images. Latent models decode with the VAE their latent store recorded (``dfm prepare encode``), or the
-diffusers ``AutoencoderKL`` at ``--vae``: ``vae.decode(z / scaling_factor + shift_factor)`` with the
-store's factors. Without a VAE a latent model is refused: an ``.npz`` of latent channels would score as
-images.
+images. An existing ``<out>`` made with the same settings is left as it is; one made with other settings
+(or recording none) is refused, naming the settings that differ, unless ``--force`` generates it again.
+Latent models decode with the VAE their latent store recorded (``dfm prepare encode``), or the diffusers
+``AutoencoderKL`` at ``--vae``: ``vae.decode(z / scaling_factor + shift_factor)`` with the store's
+factors. Without a VAE a latent model is refused: an ``.npz`` of latent channels would score as images.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from dfm.launch import options
 from tqdm import tqdm
 
 from dfm import distributed, generation
-from dfm.config import ConfigError, SampleConfig
+from dfm.config import ConfigError
 from dfm.files import FolderLock, LockedError
 from dfm.precision import PRECISIONS, resolve_precision
-
-SAMPLE_KEYS = set(SampleConfig.__dataclass_fields__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop each rank after this many batches (finish later with the same command)")  # fmt: skip
     p.add_argument("--keep-parts", action="store_true", help="keep <out>.parts/ after merging")
+    p.add_argument("--force", action="store_true", help="generate again over an existing --out made otherwise")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys, e.g. cfg_scale=1.5")
     args = p.parse_args(argv)
@@ -76,11 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sampling_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``key=value`` overrides, with bare sampling keys (``cfg_scale=2``) under ``sample.``."""
-    out = []
-    for text in args.overrides:
-        key = text.split("=", 1)[0].strip()
-        out.append(f"sample.{text.strip()}" if key in SAMPLE_KEYS else text)
+    """The ``key=value`` overrides of sampling keys (bare ``cfg_scale=2`` or ``sample.cfg_scale=2``; any
+    other key is refused by name), and ``--cfg-scale``."""
+    out = options.sampling_overrides(args.overrides)
     if args.cfg_scale is not None:
         out.append(f"sample.cfg_scale={args.cfg_scale}")
     return out
@@ -88,8 +88,7 @@ def sampling_overrides(args: argparse.Namespace) -> list[str]:
 
 def _device(requested: str) -> torch.device:
     """``--device`` through the one decision of ``training_device``; ``cpu`` keeps every rank on the host."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given but CUDA is not available")
+    options.check_device(requested)
     if requested == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # also gloo instead of nccl, and no GPU per rank needed
     from dfm.launch.engine import training_device
@@ -130,6 +129,25 @@ def manifest_settings(args: argparse.Namespace, cfg, ckpt: Path, precision: str,
         "vae": decoder.spec.to_dict() if decoder is not None else None,
         "precision": precision,
     }
+
+
+def check_existing(out: Path, settings: dict) -> None:
+    """Refuse an existing ``out`` that was not made with ``settings`` (naming the settings that differ):
+    calling it done would hand another sample set to the evaluation."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory")
+    try:
+        recorded = generation.read_settings(out)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"--out {out} already exists and is not a readable .npz ({err}); pass --force") from None
+    if recorded is None:
+        raise ConfigError(f"--out {out} already exists and records no settings; pass --force to replace it")
+    details = generation.settings_diff(recorded, generation.as_recorded(settings))
+    if details:
+        raise ConfigError(
+            f"--out {out} already exists, made with other settings ({details}); pass --force to replace it, or "
+            "choose another --out"
+        )
 
 
 def _open_parts(args, cfg, ckpt: Path, precision: str, decoder) -> FolderLock | None:
@@ -201,12 +219,13 @@ def generate(args: argparse.Namespace) -> Path | None:
     rank, world_size = setup_distributed()
     out = Path(args.out)
     parts = generation.parts_dir(out)
-    if out.is_file():  # every rank sees the same file: nobody starts work
-        if rank == 0:
-            print(f"dfm generate: {out} already exists; delete it to generate again")
-        return out
     precision = resolve_precision(args.precision, device)
     model, cfg, ckpt, decoder = load(args, device)
+    if out.exists() and not args.force:  # every rank sees the same file: nobody starts work
+        check_existing(out, manifest_settings(args, cfg, ckpt, precision, decoder))
+        if rank == 0:
+            print(f"dfm generate: {out} already exists, made with these settings; nothing to do")
+        return out
     lock = _open_parts(args, cfg, ckpt, precision, decoder)
     try:
         mine, done_before, left = _my_pieces(args, parts, rank, world_size)

@@ -6,15 +6,17 @@ decision (an error stops every rank together):
 - a lock (``dfm.files.FolderLock``) held for the run's lifetime: a second ``dfm train`` on the same folder
   stops at once, naming the holder;
 - a fresh run refuses a folder that already holds a run's outputs (checkpoints, TensorBoard events, sample
-  grids) unless ``--resume`` continues it or ``--overwrite`` clears it;
+  grids) unless ``--resume`` continues it or ``--overwrite`` clears it (only once the new run is built);
+  ``--resume`` of a folder with nothing to resume is refused rather than started at step 0;
 - a resume takes the newest intact checkpoint (``dfm.checkpoint.find_resumable``: a corrupt one is rejected
   by name and the previous one used), and checks that the config builds the same model as the checkpoint's
   (naming every key that differs) before the folder's ``config.yaml`` is rewritten;
 - the folder must be writable, checked at start rather than at the first save;
 - nothing in the folder is written until the run has started (config loaded, engine built, checkpoint
-  resumed): a refused or failed start leaves it byte for byte as it was. Then :func:`record_launch` appends
-  to ``run.json`` what ``config.yaml`` cannot say: the command line, the git commit of the code, the world
-  size, the absolute data path, the checkpoint resumed and the software versions.
+  resumed): a refused or failed start leaves it byte for byte as it was, and removes it again if it had to
+  create it. Then :func:`record_launch` appends to ``run.json`` what ``config.yaml`` cannot say: the command
+  line, the git commit of the code, the world size, the absolute data path, the checkpoint resumed and the
+  software versions.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ def has_outputs(run_dir: Path) -> bool:
 
 
 def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Path | None:
-    """Rank 0's checks and choice of the checkpoint to resume (None: start at step 0); see the module docstring."""
+    """Rank 0's checks and choice of the checkpoint to resume (None: start at step 0); see the module docstring.
+
+    Nothing is removed here: ``--overwrite`` clears the old outputs (:func:`clear_outputs`) only once the new
+    run's engine is built, so a start refused on the way leaves the old run whole."""
     run_dir = cfg.run_dir
     if resume:
         if ckpt:
@@ -95,6 +100,11 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
             check_resume_config(cfg, found)
         elif has_outputs(run_dir):
             raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; use --overwrite to start afresh")
+        else:  # most often a misspelled exp_name or output_dir: starting at step 0 would hide it
+            raise ConfigError(
+                f"--resume: nothing to resume in {run_dir} (no checkpoints); check exp_name and output_dir, or "
+                "drop --resume to start a new run"
+            )
     else:
         found = None
         if has_outputs(run_dir) and not overwrite:
@@ -102,12 +112,15 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
                 f"{run_dir} already holds a run: add --resume to continue it, --overwrite to replace it, or pass "
                 "another --exp-name"
             )
-        if overwrite:
-            for name in OUTPUTS:
-                path = run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     check_writable(run_dir)
     return found
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """``--overwrite``, once the new run is built: remove the previous run's outputs (never other files)."""
+    for name in OUTPUTS:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -191,6 +204,7 @@ def record_launch(run_dir: Path, record: dict) -> Path:
 __all__ = [
     "check_resume_config",
     "check_writable",
+    "clear_outputs",
     "git_commit",
     "has_outputs",
     "launch_record",

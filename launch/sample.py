@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dfm.launch.options import device_name, pick_device, positive_int, sampling_overrides
 
 from dfm.config import ConfigError
 from dfm.generation import settings_array
@@ -67,11 +68,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--config", help="run config (default: the one saved beside the checkpoint)")
     p.add_argument("--out", default=None, help="PNG path (default: see above)")
     p.add_argument("--npz", default=None, help="also write the final images as uint8 N x H x W x 3 in arr_0")
-    p.add_argument("--per-class", type=int, default=None, help="samples per class row")
+    p.add_argument(
+        "--per-class", type=positive_int, default=None, help="samples per class row (default: sample.per_class)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--vae", default=None, help="AutoencoderKL decoding a latent model (default: its store's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto (the GPU when CUDA is available), cpu, cuda[:N]"
+    )
     p.add_argument(
         "--score",
         action="store_true",
@@ -81,11 +86,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--score-samples", type=int, default=None, help="samples scored by --score (default: train.eval_samples)"
     )
-    p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys (sample.*)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
     try:
-        model, cfg = load_model(args.ckpt, args.config, args.overrides, use_ema=False if args.raw else None)
+        device = pick_device(args.device)
+        overrides = sampling_overrides(args.overrides)
+        model, cfg = load_model(args.ckpt, args.config, overrides, use_ema=False if args.raw else None)
         decoder, note = resolve_decoder(cfg, args.vae, device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm sample: {err}")
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> Path:
     if note:
         print(f"dfm sample: {note}" + ("" if decoder else "; writing latent channels 0-2 instead of images"))
     model.to(device)
-    per_class = args.per_class or cfg.sample.per_class
+    per_class = args.per_class if args.per_class is not None else cfg.sample.per_class
     y = class_rows(cfg.data.num_classes, per_class, device)
     g = torch.Generator(device).manual_seed(args.seed)
     raw = sample_model(model, cfg, y, generator=g)

@@ -167,12 +167,17 @@ def train_in_process(cfg: Config) -> float:
     from dfm.launch.train import run
 
     tic = time.perf_counter()
-    run(cfg, resume=True)
+    run(cfg, resume=has_checkpoint(cfg))
     return time.perf_counter() - tic
 
 
-def train_subprocess(config_path: str, overrides: list[str], log: Path) -> float:
-    """Train one run as a ``dfm train --resume`` process (its output in ``log``); returns the seconds spent.
+def has_checkpoint(cfg: Config) -> bool:
+    """Whether the run has a checkpoint to continue (``--resume`` refuses a run with nothing to resume)."""
+    return checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints") is not None
+
+
+def train_subprocess(config_path: str, overrides: list[str], log: Path, resume: bool) -> float:
+    """Train one run as a ``dfm train [--resume]`` process (its output in ``log``); returns the seconds spent.
 
     One thread per process unless ``OMP_NUM_THREADS`` says otherwise: on a 2-core machine two single-thread
     trainings finish sooner than two that each ask for both cores.
@@ -182,7 +187,8 @@ def train_subprocess(config_path: str, overrides: list[str], log: Path) -> float
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # each its own one-rank group
         env.pop(key, None)
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dfm.launch.cli", "train", "--config", config_path, "--resume", *overrides]
+    cmd = [sys.executable, "-m", "dfm.launch.cli", "train", "--config", config_path, *overrides]
+    cmd += ["--resume"] if resume else []
     tic = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
@@ -201,7 +207,13 @@ def train_all(args: argparse.Namespace, runs: dict) -> dict[tuple[str, int], flo
     logs = Path(args.out) / "logs"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            key: pool.submit(train_subprocess, paths[key[0]], runs[key][1], logs / f"{runs[key][0].exp_name}.log")
+            key: pool.submit(
+                train_subprocess,
+                paths[key[0]],
+                runs[key][1],
+                logs / f"{runs[key][0].exp_name}.log",
+                has_checkpoint(runs[key][0]),
+            )
             for key in todo
         }
         return {key: f.result() for key, f in futures.items()}

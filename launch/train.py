@@ -7,7 +7,8 @@ Many nodes:              deepspeed --hostfile launch/hostfile.example --master_a
                              launch/train.py --config C --data-dir DATA    (see launch/scripts/)
 Overrides:               dfm train --config C train.max_steps=200 train.lr=3e-4 train.zero_stage=2
 Resume:                  add --resume (latest checkpoint) or --ckpt DIR; a different world size is fine
-                         (a folder that holds a run needs --resume, or --overwrite to replace it)
+                         (a folder that holds a run needs --resume, or --overwrite to replace it once the
+                         new run is built; --resume of a folder with nothing to resume is refused)
 Fine-tune:               dfm train --ckpt IMPORTED_OR_EXPORTED --data-dir DATA --exp-name E [--config C]
                          starts at step 0 from the weights of a model without trainer state (a directory
                          written by dfm import, or an exported .safetensors), with its saved config as the
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--model", help="model name, e.g. DFM-SiT-XL/2 or SiT-B/2")
     p.add_argument("--exp-name", help="run name: outputs go to <output_dir>/<exp_name>")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest intact checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="clear a run folder that already holds a run, and start")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run a folder holds (cleared once the new one is built)"
+    )
     p.add_argument("--ckpt", help="resume from this checkpoint directory, or fine-tune from an imported/exported model")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500")
@@ -123,10 +126,13 @@ def main(argv: list[str] | None = None) -> float | None:
 
 def check_before_work(cfg: Config, world_size: int) -> None:
     """What training needs beyond a valid config, checked before the run folder, the model or the engine: the
-    latent store (one shard per rank; its shape and classes fill or must match ``data.*``), the metrics
-    backend (``report_to``) and the evaluation files."""
+    batch layout at this world size, the latent store (one shard per rank; its shape and classes fill or must
+    match ``data.*``), the metrics backend (``report_to``) and the evaluation files."""
+    from dfm.launch.engine import batch_layout
+
     from dfm.reporting import check_report_to
 
+    batch_layout(cfg, world_size)  # the batch sizes, before the run folder is locked or created
     if cfg.data.kind == "latents":
         from dfm.data import check_store_matches
 
@@ -270,8 +276,10 @@ def run(
     entry point tests call in-process. The data and settings are checked, then the run folder is locked and
     checked (``dfm.launch.rundir``); the folder is written to only once the engine is built and resumed."""
     from dfm.launch.engine import setup_distributed
-    from dfm.launch.rundir import open_run
+    from dfm.launch.rundir import clear_outputs, open_run
     from dfm.launch.threads import set_threads
+
+    from dfm import distributed
 
     rank, world_size = setup_distributed()
     threads = set_threads(cfg.train.threads)
@@ -283,18 +291,36 @@ def run(
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:
             trainer.resume(resume_from)
+        if overwrite and resume_from is None:  # the new run is built: only now may the old one go
+            distributed.agree(lambda: clear_outputs(cfg.run_dir))
         if rank == 0:
             lock.announce()  # the run has started: from here on the folder is its
             open_outputs(cfg, trainer, resume_from, threads, stats)
-            if resume:
-                found = f"resumed at step {trainer.state.step} from {resume_from}" if resume_from else "no checkpoint"
-                print(f"dfm train: {found}", flush=True)
-        return trainer.fit()
+            if resume_from is not None:
+                print(f"dfm train: resumed at step {trainer.state.step} from {resume_from}", flush=True)
+        return fit(trainer)
     finally:
         if trainer is not None and trainer.writer is not None:
             trainer.writer.close()
         if lock is not None:
             lock.release()
+
+
+def fit(trainer) -> float | None:
+    """``trainer.fit()``; Ctrl-C ends it with one line saying where the run stands (the checkpoints are
+    atomic, so an interrupt loses only the steps since the latest one)."""
+    from dfm import checkpoint
+
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        step, latest = trainer.state.step, checkpoint.latest_checkpoint(trainer.cfg.run_dir / "checkpoints")
+        if latest is None:
+            message = f"interrupted at step {step}, before the first checkpoint; start again with --overwrite"
+            raise KeyboardInterrupt(message) from None
+        raise KeyboardInterrupt(
+            f"interrupted at step {step} (latest checkpoint: step {int(latest.name)}); resume with --resume"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ def test_folder_lock_is_exclusive_names_its_holder_and_leaves_a_refused_folder_a
     first = FolderLock(tmp_path / "run", "training run").acquire()  # a descriptor of its own: flock conflicts
     with pytest.raises(LockedError, match=r"run is in use by another process: one training run per folder"):
         FolderLock(tmp_path / "run", "training run").acquire()
-    first.release()  # never announced: the lock file it made is gone again
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    first.release()  # never announced: the lock file and the folders it made are gone again
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    FolderLock(tmp_path / "kept" / "a" / "b", "training run").acquire().release()
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]  # only the folders it made, not one that was there
     first = FolderLock(tmp_path / "run", "training run").acquire()
     first.announce()
     with pytest.raises(LockedError, match=r"in use by pid \d+ on "):

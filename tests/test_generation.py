@@ -192,8 +192,12 @@ def test_lost_shards_are_regenerated_and_settings_are_checked(pixel_ckpt, tmp_pa
     diff = np.abs(again["arr_0"].astype(int) - full["arr_0"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     capsys.readouterr()
-    assert generate_main(flags) == out  # complete: nothing to do
-    assert "already exists" in capsys.readouterr().out
+    assert generate_main(flags + ["--labels", "balanced"]) == out  # complete: nothing to do
+    assert "already exists, made with these settings" in capsys.readouterr().out
+    with pytest.raises(
+        SystemExit, match=r"already exists, made with other settings \(labels: 'balanced' -> 'random'\)"
+    ):
+        generate_main(flags)  # another sample set is not called done
 
 
 def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, one_thread, capsys):
