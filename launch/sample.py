@@ -24,6 +24,7 @@ import torch
 from dfm.launch.options import device_name, pick_device, positive_int, sampling_overrides
 
 from dfm.config import ConfigError
+from dfm.files import check_output
 from dfm.generation import settings_array
 from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
 from dfm.vae import resolve_decoder
@@ -86,8 +87,14 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--score-samples", type=int, default=None, help="samples scored by --score (default: train.eval_samples)"
     )
+    p.add_argument("--force", action="store_true", help="replace an existing --out or --npz")
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys (sample.*)")
     args = p.parse_args(argv)
+    # A file the user named is never written over unless asked; the default grid is this command's own file in
+    # the run's samples/ folder, and sampling again (same seed, same image) replaces it.
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is not None:
+            check_output(path, flag, force=args.force, inputs=(args.ckpt,))
     try:
         device = pick_device(args.device)
         overrides = sampling_overrides(args.overrides)

@@ -118,6 +118,10 @@ CASES = [
      1, r"'data\.resolution' cannot be overridden"),
     ("generate-device-banana", ["generate", "--ckpt", "{root}/done", "--out", "{root}/g.npz", "--device", "banana"],
      2, r"argument --device: invalid choice: 'banana'"),
+    ("sample-out-existing", ["sample", "--ckpt", "{root}/done", "--out", "{root}/taken.safetensors"],
+     1, r"--out {root}/taken\.safetensors already exists; pass --force to replace it"),
+    ("sample-npz-existing", ["sample", "--ckpt", "{root}/done", "--npz", "{root}/s.npz"],
+     1, r"--npz {root}/s\.npz already exists; pass --force to replace it"),
     # every reader of a checkpoint verifies it as --resume does, and refuses non-finite weights
     ("sample-altered", ["sample", "--ckpt", "{root}/altered", "--device", "cpu"],
      1, r"{root}/altered/checkpoints/0000002/ema\.safetensors does not match its checksum"),

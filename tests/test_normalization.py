@@ -144,7 +144,7 @@ def test_a_normalised_run_stores_its_statistics_and_samples_from_them(tmp_path, 
         run(tiny(f"output_dir={tmp_path}", "exp_name=norm", "train.max_steps=4", "dfm.normalize_stages=true",
                  "dfm.stage_rms=[0.5,0.5]"), resume=True)  # fmt: skip
     assert sample_main(["--ckpt", str(tmp_path / "norm"), "--out", str(tmp_path / "g.png")]).is_file()
-    sample_main(["--ckpt", str(tmp_path / "norm"), "--out", str(tmp_path / "g.png"), "--score", "--score-samples=20"])
+    sample_main(["--ckpt", str(tmp_path / "norm"), "--out", str(tmp_path / "g2.png"), "--score", "--score-samples=20"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("dfm sample: 20 samples (balanced classes, seed 0, 3 steps): class accuracy ")
     assert "Frechet distance" in line and "fine-band energy ratio" in line
