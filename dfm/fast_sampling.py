@@ -168,7 +168,7 @@ class FastStagedSampler:
         for i, cfg in enumerate(self.sampler.step_is_guided):
             x, v = self._compiled_step(x, y, rows[i], cfg)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, rows[i, 1], len(shots), self.sampler.stage_rms))
+                shots.append(phase_preview(x, v, rows[i, 1], len(shots), self.sampler.flow))
         return self.sampler.result(x, shots)
 
     # -- CUDA graphs ------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class FastStagedSampler:
             bufs.row.copy_(rows[i])
             bufs.graphs[cfg].replay()
             if previews and i in ends:
-                shots.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shots), self.sampler.stage_rms))
+                shots.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shots), self.sampler.flow))
         x = [buf.clone() for buf in bufs.x]  # the buffers are overwritten by the next call
         return self.sampler.result(x, shots)
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm import normalization
 from dfm.fast_sampling import FastStagedSampler
 from dfm.files import atomic_open, atomic_path, write_text_atomic
+from dfm.normalization import FlowSpace
 from dfm.precision import autocast, resolve_precision
 from dfm.sampling import StagedSampler, sample_sde
 from dfm.visualize import to_uint8
@@ -170,7 +170,7 @@ class IndexSampler:
             if self.fast is None:
                 steps = self.cfg.sample.num_steps
                 x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise,
-                               stage_rms=normalization.flow_scale(self.cfg))  # fmt: skip
+                               flow=FlowSpace.from_config(self.cfg))  # fmt: skip
             else:
                 x = self.fast.sample(noise, y, previews=False).x
         return x[: draws.count].float()

@@ -19,7 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dfm import normalization, ops, pyramid
+from dfm import ops
+from dfm.normalization import FlowSpace
 
 Method = Literal["euler", "heun"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
@@ -112,9 +113,9 @@ class StagedSampler:
         cfg_scale: guidance weight w; ``v = v_uncond + w (v_cond - v_uncond)`` on guided stages.
         guidance_low, guidance_high: a stage is guided only while its own t lies in this interval.
         null_class: label of the unconditional branch (``num_classes``).
-        stage_rms: the per-stage scale the model's flow runs in (``dfm.normalization``); the state is integrated
-            in that space and multiplied back before the stages are recomposed (results and previews). None:
-            the bands as they are (the reference).
+        flow: the space the model's flow runs in (``dfm.normalization.FlowSpace``); the state is integrated
+            in that space and mapped back before the stages are recomposed (results and previews). None: the
+            bands as they are (the reference).
     """
 
     def __init__(
@@ -126,7 +127,7 @@ class StagedSampler:
         guidance_low: float = 0.0,
         guidance_high: float = 1.0,
         null_class: int = 1000,
-        stage_rms: list[float] | None = None,
+        flow: FlowSpace | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be {' or '.join(map(repr, METHODS))}, got {method!r}")
@@ -139,8 +140,7 @@ class StagedSampler:
         self.method = method
         self.cfg_scale = float(cfg_scale)
         self.null_class = null_class
-        normalization.check_stage_rms(stage_rms, schedule.stages)
-        self.stage_rms = None if stage_rms is None else [float(r) for r in stage_rms]
+        self.flow = (flow or FlowSpace()).check_stages(schedule.stages)
         self.guided = guided_table(schedule, cfg_scale, guidance_low, guidance_high)
         # Host-side copy of which steps double the batch: decided once, never read back from the device.
         self.step_is_guided = self.guided.any(dim=1).tolist()
@@ -163,7 +163,7 @@ class StagedSampler:
             guidance_high=cfg.sample.guidance_high,
             null_class=cfg.data.num_classes,
             # validation builds a sampler without a model before a run has measured its statistics
-            stage_rms=normalization.flow_scale(cfg) if model is not None else None,
+            flow=FlowSpace.from_config(cfg) if model is not None else None,
         )
 
     def velocity(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, cfg: bool) -> list[Tensor]:
@@ -234,26 +234,24 @@ class StagedSampler:
         for i in range(self.schedule.num_steps):
             x, v = self.step(x, y, i)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots), self.stage_rms))
+                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots), self.flow))
         return self.result(x, shots)
 
     def result(self, x: list[Tensor], previews: list[Tensor]) -> SampleResult:
         """The final flow-space state ``x`` as data-space bands and their recomposition."""
-        bands = normalization.denormalize(x, self.stage_rms)
+        bands = self.flow.to_data(x)
         return SampleResult(bands=bands, x=ops.recompose(bands), previews=previews)
 
 
-def phase_preview(
-    x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int, stage_rms: list[float] | None = None
-) -> Tensor:
+def phase_preview(x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int, flow: FlowSpace | None = None) -> Tensor:
     """Full-size preview at the end of phase ``s`` from the state ``x`` and the velocity ``v`` just used.
 
     The denoised estimate ``x_hat = x_t - t v`` of stages 0..s (stage s is still at its threshold),
-    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table; ``stage_rms``
-    the flow's per-stage scale (``dfm.normalization``), undone before recomposing.
+    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table; ``flow`` the
+    space the state lives in (``dfm.normalization.FlowSpace``), mapped back before recomposing.
     """
     est = [x[j] - t_next[j] * v[j] for j in range(s + 1)]
-    return pyramid.preview(normalization.denormalize(est + x[s + 1 :], stage_rms), s, full_size=True)
+    return (flow or FlowSpace()).preview(est + x[s + 1 :], s)
 
 
 def stage_noise(
@@ -272,7 +270,7 @@ def sample_sde(
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
     step_noise: Callable[[], Tensor] | None = None,
-    stage_rms: list[float] | None = None,
+    flow: FlowSpace | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampling of a single-stage model (the SiT SDE baseline).
 
@@ -281,8 +279,8 @@ def sample_sde(
     (SiT's "sigma" diffusion form). The last step adds no noise, so the output is the mean estimate.
     ``step_noise`` returns the N(0, I) draw of a step (shape of ``noise``) instead of ``generator``: how
     ``dfm.generation`` keeps each sample's noise a function of its own index, whatever batch it is in.
-    ``stage_rms``: the scale the model's flow runs in (``dfm.normalization``), undone on the result as
-    :class:`StagedSampler` does; None: the data as it is.
+    ``flow``: the space the model's flow runs in (``dfm.normalization.FlowSpace``), mapped back on the result
+    as :class:`StagedSampler` does; None: the data as it is.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -303,4 +301,4 @@ def sample_sde(
             else:
                 z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + (g2 * -dt) ** 0.5 * z
-    return normalization.denormalize([x], stage_rms)[0]
+    return (flow or FlowSpace()).to_data([x])[0]

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dfm import normalization
 from dfm.files import atomic_path
+from dfm.normalization import FlowSpace
 from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise
 
 
@@ -23,8 +23,8 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
     model.eval()
     try:
         if cfg.sample.mode == "sde":
-            stage_rms = normalization.flow_scale(cfg)
-            x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator, stage_rms=stage_rms)
+            flow = FlowSpace.from_config(cfg)
+            x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator, flow=flow)
             return SampleResult(bands=[x], x=x, previews=[x])
         return StagedSampler.from_config(model, cfg).sample(noise, y)
     finally:
