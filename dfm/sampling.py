@@ -166,14 +166,17 @@ class StagedSampler:
             flow=FlowSpace.from_config(cfg) if model is not None else None,
         )
 
-    def velocity(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, cfg: bool) -> list[Tensor]:
-        """Model velocity at (x, t) for a batch; with ``cfg`` the batch is doubled with null labels.
+    def velocity(
+        self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, double_batch: bool
+    ) -> list[Tensor]:
+        """Model velocity at (x, t) for a batch; ``double_batch`` runs the batch twice, the second half with null
+        labels, and mixes the two by classifier-free guidance on the ``guided`` stages.
 
         ``t`` (S,), ``mask`` (S,) and ``guided`` (S,) are the step's rows of the static tables.
         """
         B = y.shape[0]
         dtype = x[0].dtype
-        if not cfg:
+        if not double_batch:
             return self.model(x, t.expand(B, -1), y, mask.expand(B, -1))
         x2 = [torch.cat([x_s, x_s]) for x_s in x]
         y2 = torch.cat([y, torch.full_like(y, self.null_class)])
@@ -185,27 +188,28 @@ class StagedSampler:
             out.append(torch.where(guided[s], v_guided, v_cond))
         return out
 
-    def step(self, x: list[Tensor], y: Tensor, i: int) -> tuple[list[Tensor], list[Tensor]]:
-        """One step of the schedule; returns the new state and the velocity used (for previews)."""
-        tab = self._tables(x[0].device)
-        t, t_next, mask, guided = tab["t"][i], tab["t_next"][i], tab["active"][i], tab["guided"][i]
-        return self.step_rows(x, y, t, t_next, mask, guided, self.step_is_guided[i])
+    def step_at(self, x: list[Tensor], y: Tensor, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Step ``i`` of the schedule; returns the new state and the velocity used (for previews)."""
+        tables = self._tables(x[0].device)
+        t, t_next, mask, guided = tables["t"][i], tables["t_next"][i], tables["active"][i], tables["guided"][i]
+        return self.step_from_rows(x, y, t, t_next, mask, guided, self.step_is_guided[i])
 
-    def step_rows(
-        self, x: list[Tensor], y: Tensor, t: Tensor, t_next: Tensor, mask: Tensor, guided: Tensor, cfg: bool
+    def step_from_rows(
+        self, x: list[Tensor], y: Tensor, t: Tensor, t_next: Tensor, mask: Tensor, guided: Tensor, double_batch: bool
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """One step from the step's rows of the static tables (each (S,)); ``cfg``: double the batch.
+        """One step from the step's rows of the static tables (each (S,)); ``double_batch``: a guided step
+        (:meth:`velocity`).
 
         A pure function of its tensor arguments with fixed shapes, which is what the compiled and
         CUDA-graph samplers (``dfm.fast_sampling``) trace. Velocities are used in float32, or in the
         state's dtype when that is wider (a float64 reference run).
         """
         wide = torch.promote_types(x[0].dtype, torch.float32)
-        v = [v_s.to(wide) for v_s in self.velocity(x, t, y, mask, guided, cfg)]
+        v = [v_s.to(wide) for v_s in self.velocity(x, t, y, mask, guided, double_batch)]
         dt = t_next - t
         x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         if self.method == "heun":
-            v2 = [v_s.to(wide) for v_s in self.velocity(x_next, t_next, y, mask, guided, cfg)]
+            v2 = [v_s.to(wide) for v_s in self.velocity(x_next, t_next, y, mask, guided, double_batch)]
             v = [(a + b) / 2 for a, b in zip(v, v2)]
             x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         return x_next, v
@@ -228,14 +232,14 @@ class StagedSampler:
         if len(noise) != self.schedule.stages:
             raise ValueError(f"schedule has {self.schedule.stages} stages but got {len(noise)} noise tensors")
         x = [n.float() for n in noise]
-        tab = self._tables(x[0].device)
+        t_next = self._tables(x[0].device)["t_next"]
         ends = set(self.schedule.phase_ends())
-        shots = []
+        shown = []  # one preview per finished phase
         for i in range(self.schedule.num_steps):
-            x, v = self.step(x, y, i)
+            x, v = self.step_at(x, y, i)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots), self.flow))
-        return self.result(x, shots)
+                shown.append(phase_preview(x, v, t_next[i], len(shown), self.flow))
+        return self.result(x, shown)
 
     def result(self, x: list[Tensor], previews: list[Tensor]) -> SampleResult:
         """The final flow-space state ``x`` as data-space bands and their recomposition."""

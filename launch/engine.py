@@ -257,7 +257,7 @@ def grad_norm_reader(cfg: Config, engine, optimizer):
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
-    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema, grad_norm)``, the last from
+    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema, read_grad_norm)``, the last from
     :func:`grad_norm_reader`.
 
     The EMA of stages 0-2 is a full fp32 copy taken before compiling, so it stays a plain eager module that

@@ -42,16 +42,16 @@ def _reference64(model, schedule, noise, y, method="euler"):
     """The eager step in float64 (model and state): sets the scale of float32 rounding error."""
     sampler = StagedSampler(copy.deepcopy(model).double(), schedule, method=method, **CFG)
     x = [n.double() for n in noise]
-    ends, shots = set(schedule.phase_ends()), []
+    ends, shown = set(schedule.phase_ends()), []
     tab_t_next = schedule.t_next.float().to(noise[0].device)
     with torch.no_grad():
         for i in range(schedule.num_steps):
-            x, v = sampler.step(x, y, i)
+            x, v = sampler.step_at(x, y, i)
             if i in ends:
-                s = len(shots)
+                s = len(shown)
                 est = [x[j] - tab_t_next[i, j] * v[j] for j in range(s + 1)]
-                shots.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
-    return pyramid.recompose(x), shots
+                shown.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
+    return pyramid.recompose(x), shown
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def test_the_loop_reads_only_at_log_sample_eval_and_checkpoint_steps(tmp_path):
     evaluation = ["train.eval_every=3", "train.eval_samples=10"]
     trainer = build(tmp_path, "exp_name=fit", "train.max_steps=2", "train.log_every=3", "train.sample_every=3",
                     *schedule, *evaluation)  # fmt: skip
-    assert trainer.evaluator is not None and trainer.grad_norm is not None
+    assert trainer.evaluator is not None and trainer.read_grad_norm is not None
     trainer.fit()  # warm-up, and a final log, sample, evaluation and save at step 2
     trainer.cfg.train.max_steps = 7
     with HostSyncCounter() as syncs:
@@ -168,7 +168,7 @@ def test_staged_sampler_step_has_no_host_sync():
     noise, y = stage_noise(2, model.input_shapes()), torch.tensor([1, 2])
     sampler.sample(noise, y)  # tables are built once, on the first call
     with HostSyncCounter() as syncs, torch.no_grad():
-        sampler.step(noise, y, 0)
+        sampler.step_at(noise, y, 0)
         result = FastStagedSampler(sampler, mode="eager").sample(noise, y)
     assert syncs.report.count == 0, syncs.report
     assert len(result.previews) == 2
