@@ -15,6 +15,9 @@ faster, without copying any of that logic:
   nothing is read back to the host until the caller looks at the result.
 
 :func:`sampler_mode` is the one predicate deciding between ``cudagraph``, ``compile`` and ``eager``.
+:class:`ModelSampler` is the one entry that sampling a model from its run config goes through (the grids of
+``dfm.visualize``, ``dfm generate`` and the evaluations of ``dfm.generation``): the staged ODE sampler on this
+fast path, or the SDE baseline.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dfm.sampling import SampleResult, StagedSampler, phase_preview
+from dfm.normalization import FlowSpace
+from dfm.sampling import SampleResult, StagedSampler, phase_preview, sample_sde
 
 logger = logging.getLogger(__name__)
 
@@ -232,4 +236,39 @@ class FastStagedSampler:
         return self.sampler.result(x, shown)
 
 
-__all__ = ["FastStagedSampler", "SAMPLER_MODES", "sampler_mode", "schedule_rows"]
+class ModelSampler:
+    """Samples ``model`` as run config ``cfg``'s ``sample`` section says: the staged ODE sampler
+    (:class:`dfm.sampling.StagedSampler`, run by :class:`FastStagedSampler` unless ``mode`` is ``"eager"``) or,
+    with ``sample.mode: sde``, the Euler-Maruyama baseline (:func:`dfm.sampling.sample_sde`). Built once per
+    model and config; the flow space (``dfm.normalization.FlowSpace``) comes from the config.
+    """
+
+    def __init__(self, model, cfg, mode: str = "eager"):
+        self.model, self.num_steps = model, cfg.sample.num_steps
+        self.staged = StagedSampler.from_config(model, cfg) if cfg.sample.mode == "ode" else None
+        self.flow = self.staged.flow if self.staged is not None else FlowSpace.from_config(cfg)
+        # "eager" skips the wrapper: it would run the very same eager sampler
+        self.fast = FastStagedSampler(self.staged, mode) if self.staged is not None and mode != "eager" else None
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: list[Tensor],
+        y: Tensor,
+        previews: bool = True,
+        generator: torch.Generator | None = None,
+        step_noise=None,
+    ) -> SampleResult:
+        """Integrate from ``noise`` (one tensor per stage, coarsest first) with labels ``y``. The SDE also draws
+        noise at every step: from ``step_noise()`` when given, else from ``generator``; its previews are the
+        result itself (one stage)."""
+        if self.staged is None:
+            x = sample_sde(self.model, noise[0], y, self.num_steps, generator=generator, step_noise=step_noise,
+                           flow=self.flow)  # fmt: skip
+            return SampleResult(bands=[x], x=x, previews=[x])
+        if self.fast is None:
+            return self.staged.sample(noise, y, previews)
+        return self.fast.sample(noise, y, previews)
+
+
+__all__ = ["FastStagedSampler", "ModelSampler", "SAMPLER_MODES", "sampler_mode", "schedule_rows"]

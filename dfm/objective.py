@@ -35,11 +35,11 @@ class StageDraw:
     y: Tensor  # (B,) labels after class dropout (null class = num_classes)
 
 
-def stage_losses(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
+def _stage_terms(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
     """Each stage's term of the loss, shape (S,): ``mean_B [s active] mean_{C,H,W} (v_hat[s] - v[s])^2``.
 
-    The loss is their sum (:func:`stage_loss`); a masked sample adds exactly zero to its stage's term, so the
-    terms are the stages' shares of the logged loss.
+    The loss is their sum; a masked sample adds exactly zero to its stage's term, so the terms are the stages'
+    shares of the logged loss.
     """
     terms = []
     for s, (pred, target) in enumerate(zip(v_hat, v)):
@@ -50,13 +50,11 @@ def stage_losses(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
     return torch.stack(terms)
 
 
-def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
-    """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
-    return stage_losses(v_hat, v, mask).sum()
-
-
 class DFMObjective:
     """Draws stages, times, noise and class dropout, and computes the masked per-stage loss.
+
+    :meth:`stage_losses` is the one loss entry: per-stage terms whose sum is the loss
+    ``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``.
 
     Args:
         stages: number of pyramid stages S (1 = plain SiT flow matching).
@@ -175,7 +173,8 @@ class DFMObjective:
         self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
     ) -> tuple[Tensor, StageDraw]:
         """Per-stage loss terms (S,) of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``, and the
-        draw; the loss is their sum (:func:`stage_losses`)."""
+        draw; the loss is ``terms.sum()``. ``draw`` replaces the random draw (a test, or a fused kernel fed the
+        same noise); otherwise it comes from ``generator``."""
         if draw is None:
             # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
             # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, the eager reference otherwise).
@@ -186,11 +185,4 @@ class DFMObjective:
             bands = self.flow.to_flow(ops.decompose(x, self.stages))
             x_t, v = ops.noise_stages(bands, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)
-        return stage_losses(v_hat, v, draw.mask), draw
-
-    def __call__(
-        self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
-    ) -> tuple[Tensor, StageDraw]:
-        """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
-        terms, draw = self.stage_losses(model, x, y, generator, draw)
-        return terms.sum(), draw
+        return _stage_terms(v_hat, v, draw.mask), draw

@@ -6,6 +6,9 @@ stages wait at t = 1 (masked, not updated) and earlier stages follow the product
 ``t_j = tau_{j+1} * t_{j+1}``, which is monotone for any number of stages. Euler steps are
 ``x[s] += (t_next[s] - t[s]) * v_hat[s]``; a stage that does not move has ``t_next == t`` and is left
 exactly as it was. The state stays in float32 whatever dtype the model runs in.
+
+Sampling a model from its run config goes through one entry, ``dfm.fast_sampling.ModelSampler``: these
+samplers, on the fast path where it applies.
 """
 
 from __future__ import annotations

@@ -124,16 +124,16 @@ def test_overlap_comm_waits_once_per_backward_on_cuda(tmp_path, stage, overlap):
 def test_an_item_added_to_the_step_is_caught(tmp_path, monkeypatch):
     """The counter sees a read-back inside the real step, not only in code written for the test."""
     trainer = build(tmp_path, "exp_name=item")
-    real = objective_module.stage_losses
+    real = objective_module._stage_terms
 
-    def stage_losses_with_item(*args, **kwargs):
+    def stage_terms_with_item(*args, **kwargs):
         terms = real(*args, **kwargs)
         terms.sum().item()
         return terms
 
-    monkeypatch.setattr(objective_module, "stage_losses", stage_losses_with_item)
+    monkeypatch.setattr(objective_module, "_stage_terms", stage_terms_with_item)
     syncs = count_steps(trainer)
-    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_losses_with_item"): STEPS * trainer.accum_steps}
+    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_terms_with_item"): STEPS * trainer.accum_steps}
 
 
 def test_the_loop_reads_only_at_log_sample_eval_and_checkpoint_steps(tmp_path):
