@@ -411,7 +411,8 @@ def _check_sampling(cfg: Config) -> None:
             f"config key 'sample.cfg_scale' is {s.cfg_scale} but 'dfm.class_dropout' is 0: a model trained "
             "without label dropout has no unconditional prediction to guide with"
         )
-    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
+    # the interval's order is the sampler's own check (above, naming the key); the config adds the range
+    if not (0.0 <= s.guidance_low <= 1.0 and 0.0 <= s.guidance_high <= 1.0):
         raise ConfigError("config keys 'sample.guidance_low' <= 'sample.guidance_high' must lie in [0, 1]")
     for key in ("num_steps", "per_class"):
         if getattr(s, key) < 1:

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -130,14 +131,33 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
-def optimizer_clips(cfg: Config) -> bool:
-    """Whether our optimizer clips the gradients (``dfm.optim.ClippedAdamW``) rather than DeepSpeed.
+@dataclass(frozen=True)
+class StepPlan:
+    """The decisions of an optimizer step, made by :func:`step_plan`."""
 
-    ZeRO 0-2 with the client optimizer: yes, on device, with no host read (DeepSpeed's own clipping reads
-    the norm back to the host every step, see ``dfm.optim``). ZeRO 3 computes and checks the norm inside its
-    optimizer whatever the config says, and ZeRO-Offload steps DeepSpeed's optimizer: there DeepSpeed clips.
+    client_optimizer: bool  # our AdamW is handed to DeepSpeed (else the generated config declares DeepSpeed's)
+    optimizer_clips: bool  # dfm.optim.ClippedAdamW clips, on device (else DeepSpeed's gradient_clipping)
+    norm_from_optimizer: bool  # the logged norm is ClippedAdamW.grad_norm (else engine.get_global_grad_norm)
+
+
+def step_plan(cfg: Config) -> StepPlan:
+    """Which optimizer steps, who clips, and where the logged gradient norm comes from: the three decisions of a
+    step, made here for every ZeRO stage and read by :func:`deepspeed_config`, :func:`client_optimizer` and
+    :func:`grad_norm_reader`.
+
+    - Optimizer: torch's fused AdamW as ``dfm.optim.ClippedAdamW``, handed to DeepSpeed as its client
+      optimizer. ZeRO-Offload refuses a client optimizer; there the generated config declares DeepSpeed's (CPU
+      Adam on CUDA machines, torch's AdamW on a CPU-only one).
+    - Clipping: ClippedAdamW's at ZeRO 0-2, on device with no host read (DeepSpeed's own clipping reads the
+      norm back to the host every step, see ``dfm.optim``). ZeRO 3 computes and checks the norm inside its
+      optimizer whatever the config says, and under ZeRO-Offload DeepSpeed's optimizer steps: there DeepSpeed
+      clips (``gradient_clipping``).
+    - Gradient norm before clipping (``train/grad_norm``): from whoever clips, ``ClippedAdamW.grad_norm`` (a
+      device tensor, measured also when ``grad_clip`` is 0) or ``engine.get_global_grad_norm``. Reading either
+      queues nothing and waits for nothing; the loop sums it on device and reads it at log steps.
     """
-    return cfg.train.zero_stage < 3 and not cfg.train.offload
+    ours = cfg.train.zero_stage < 3 and not cfg.train.offload
+    return StepPlan(client_optimizer=not cfg.train.offload, optimizer_clips=ours, norm_from_optimizer=ours)
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
@@ -149,7 +169,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     """
     micro, accum = batch_layout(cfg, world_size)
     t = cfg.train
-    ours = optimizer_clips(cfg)
+    ours = step_plan(cfg).optimizer_clips
     # ZeRO 0 is plain data parallelism (one process, the digits, defaults to it); 1 partitions the optimizer
     # state, 2 the gradients too, 3 the parameters too. The multi-GPU recipes (configs/*xl*.yaml) use ZeRO 2:
     # ZeRO 0 reduces the gradients in one exposed all-reduce after backward (2.7 GB of fp32 gradients per
@@ -192,7 +212,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     if resolve_precision(t.precision, training_device()) == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if t.offload:
-        # ZeRO-Offload refuses a client optimizer, so the optimizer is declared here instead.
+        # no client optimizer under ZeRO-Offload (step_plan): DeepSpeed's is declared here
         on_gpu = training_device().type == "cuda"
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         ds["optimizer"] = {
@@ -236,10 +256,11 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
     Under ZeRO 1/2 each rank steps its slice of the flat fp32 master weights, so the clipping norm is
     summed over the data-parallel group (here every rank: there is no model parallelism).
     """
-    if cfg.train.offload:
+    plan = step_plan(cfg)
+    if not plan.client_optimizer:
         return None
     t = cfg.train
-    clip = t.grad_clip if optimizer_clips(cfg) else None
+    clip = t.grad_clip if plan.optimizer_clips else None
     group = dist.group.WORLD if t.zero_stage in (1, 2) else None
     return make_optimizer(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, max_norm=clip, norm_group=group
@@ -247,11 +268,9 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
 
 
 def grad_norm_reader(cfg: Config, engine, optimizer):
-    """A function returning the last step's global gradient norm before clipping, as the clipping optimizer
-    keeps it: ``dfm.optim.ClippedAdamW.grad_norm`` (a device tensor; it also measures when ``grad_clip`` is 0),
-    or DeepSpeed's where DeepSpeed clips (ZeRO 3, ZeRO-Offload). Reading it queues nothing and waits for
-    nothing; the loop sums it on device and reads it at log steps."""
-    if optimizer_clips(cfg) and hasattr(optimizer, "grad_norm"):
+    """A function returning the last step's global gradient norm before clipping, from where :func:`step_plan`
+    says it comes: the clipping optimizer's ``grad_norm``, or DeepSpeed's."""
+    if step_plan(cfg).norm_from_optimizer and hasattr(optimizer, "grad_norm"):
         return lambda: optimizer.grad_norm
     return engine.get_global_grad_norm
 

@@ -433,3 +433,21 @@ def test_sde_is_reproducible_with_a_seed():
     b = sample_sde(field, noise, y, num_steps=20, generator=gen(17))
     c = sample_sde(field, noise, y, num_steps=20, generator=gen(18))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_guidance_interval_is_checked_once_for_each_property():
+    """The order of the interval is the sampler's check, routed to the key by the config; the range [0, 1] is the
+    config's (a sampler accepts an interval no step reaches: it guides nothing)."""
+    from pathlib import Path
+
+    from dfm.config import ConfigError, load_config
+
+    digits = Path(__file__).resolve().parent.parent / "configs" / "dfm_digits.yaml"
+    with pytest.raises(ValueError, match=r"^guidance_low \(0.8\) must not exceed guidance_high \(0.2\)"):
+        StagedSampler(None, staged_schedule([2], []), guidance_low=0.8, guidance_high=0.2)
+    with pytest.raises(ConfigError, match=r"config key 'sample.guidance_low' \(0.8\) must not exceed guidance_high"):
+        load_config(digits, ["sample.guidance_low=0.8", "sample.guidance_high=0.2"])
+    for key, value in (("guidance_low", -0.1), ("guidance_high", 1.5)):
+        with pytest.raises(ConfigError, match=r"'sample.guidance_low' <= 'sample.guidance_high' must lie in \[0, 1\]"):
+            load_config(digits, [f"sample.{key}={value}"])
+    assert load_config(digits, ["sample.guidance_low=0.3", "sample.guidance_high=0.3"]).sample.guidance_low == 0.3
