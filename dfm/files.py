@@ -10,9 +10,12 @@ same file at once. A failed write leaves the old file (if any) and removes its t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,8 +80,6 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; on success its files are fsynced and it is renamed to
     ``path`` (which must not exist), so the folder appears whole or not at all; on failure it is removed."""
-    import shutil
-
     path = Path(path)
     staging = temporary_name(path)
     shutil.rmtree(staging, ignore_errors=True)
@@ -129,8 +130,6 @@ class FolderLock:
         self._created = self._announced = False
 
     def acquire(self) -> FolderLock:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             created = not self.path.exists()
@@ -153,8 +152,6 @@ class FolderLock:
 
     def announce(self) -> None:
         """Write the holder (pid and host) into the lock file."""
-        import socket
-
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._announced = True
