@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ and launch/ live at the top of the repository but install inside the dfm namespace:
     # a top-level "kernels" would clash with the PyPI package of that name.
-    packages=find_packages(include=["dfm", "dfm.*"]) + ["dfm.kernels", "dfm.launch"],
+    packages=find_packages(include=["dfm", "dfm.*"]) + ["dfm.kernels", "dfm.launch", "dfm.launch.experiments"],
     package_dir={"dfm": "dfm", "dfm.kernels": "kernels", "dfm.launch": "launch"},
     # The floor is what current CUDA images ship (torch 2.11, Triton 3.6); CI pins torch 2.13.0 with the
     # Triton its CUDA build uses (3.7.1). Nothing here uses an API newer than that floor.

@@ -95,7 +95,7 @@ def test_sampler(benchmark, model, batch, provider):
     run()  # one more untimed call
     guidance = "cfg" if GUIDED else "no cfg"
     benchmark.group = f"sampler {MODEL} steps={'+'.join(map(str, STEPS))} {guidance} batch={batch}"
-    nfe = sum(2 if cfg else 1 for cfg in sampler.sampler.step_is_guided)
+    nfe = sum(2 if guided else 1 for guided in sampler.sampler.step_is_guided)
     benchmark.extra_info.update(
         provider=provider,
         batch=batch,

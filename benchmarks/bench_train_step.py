@@ -132,7 +132,7 @@ def reference_setup(model_name: str):
 
     def step_on(x, y):
         with autocast(DEVICE):
-            loss, _ = objective(model, x, y, generator=generator)
+            loss = objective.stage_losses(model, x, y, generator=generator)[0].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()

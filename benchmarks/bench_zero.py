@@ -12,7 +12,7 @@ its slowdown against ZeRO 0.
 Two model sizes: ``tiny`` (depth 2, width 64, 0.2 M parameters), where host overhead dominates, and
 ``S/2`` (DFM-SiT-S/2, 33 M parameters), with 16x16 digits, micro batch 8 per rank. On ZeRO 2 of ``S/2`` the
 gradient-communication settings are compared too: ``overlap_comm`` off, and 100x smaller buckets. Measured results and
-the hardware they came from are in the docstring of ``dfm.launch.engine``.
+the hardware they came from are in ``benchmarks/results/2026-11-25-cpu-epyc-2core-zero.md``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,23 @@
 """Fast path of the staged sampler: one compiled step function, captured in CUDA graphs on GPU.
 
 :class:`dfm.sampling.StagedSampler` is the eager reference; this module runs the very same step
-(:meth:`StagedSampler.step_rows`: CFG, Euler/Heun) and the same previews (:func:`phase_preview`)
+(:meth:`StagedSampler.step_from_rows`: CFG, Euler/Heun) and the same previews (:func:`phase_preview`)
 faster, without copying any of that logic:
 
 - The static schedule is packed once into a device table ``rows`` of shape (N, 4, S): per step the
   rows ``t``, ``t_next``, ``active`` and ``guided``. A step reads one (4, S) row, so every step has the
   same shapes and the step function compiles once per batch layout.
 - CFG doubles the batch only on guided steps. That is a different shape, so there are exactly two
-  step variants (``cfg=False`` and ``cfg=True``): two compiled graphs, and on CUDA two captured CUDA
+  step variants (``double_batch`` False and True): two compiled graphs, and on CUDA two captured CUDA
   graphs sharing one memory pool, chosen per step from the host-side list ``step_is_guided``.
 - ``cudagraph`` mode keeps static buffers: the state ``x`` and the last velocity ``v`` per stage, the
   labels ``y`` and the current row. A step is a device-to-device copy of the row followed by a replay;
   nothing is read back to the host until the caller looks at the result.
 
 :func:`sampler_mode` is the one predicate deciding between ``cudagraph``, ``compile`` and ``eager``.
+:class:`ModelSampler` is the one entry that sampling a model from its run config goes through (the grids of
+``dfm.visualize``, ``dfm generate`` and the evaluations of ``dfm.generation``): the staged ODE sampler on this
+fast path, or the SDE baseline.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dfm.sampling import SampleResult, StagedSampler, phase_preview
+from dfm.normalization import FlowSpace
+from dfm.sampling import SampleResult, StagedSampler, phase_preview, sample_sde
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,9 @@ class FastStagedSampler:
         # Seconds the last ``sample`` call spent compiling / capturing (about 0 once warmed up).
         self.last_prepare_s = 0.0
 
-    def _step(self, x: list[Tensor], y: Tensor, row: Tensor, cfg: bool) -> tuple[list[Tensor], list[Tensor]]:
+    def _step(self, x: list[Tensor], y: Tensor, row: Tensor, double_batch: bool) -> tuple[list[Tensor], list[Tensor]]:
         # The traced function: one step of the reference sampler with the step's row unpacked.
-        return self.sampler.step_rows(x, y, row[0], row[1], row[2] > 0.5, row[3] > 0.5, cfg)
+        return self.sampler.step_from_rows(x, y, row[0], row[1], row[2] > 0.5, row[3] > 0.5, double_batch)
 
     def rows(self, device: torch.device) -> Tensor:
         """The (N, 4, S) schedule table on ``device``, built once."""
@@ -157,8 +161,8 @@ class FastStagedSampler:
             elif mode == "compile" and _layout(noise, y) not in self._warm:
                 x = [n.float() for n in noise]
                 row = self.rows(x[0].device)[0]
-                for cfg in sorted(set(self.sampler.step_is_guided)):
-                    self._compiled_step(x, y, row, cfg)
+                for double_batch in sorted(set(self.sampler.step_is_guided)):
+                    self._compiled_step(x, y, row, double_batch)
                 self._warm.add(_layout(noise, y))
 
     def _sample_compiled(self, noise: list[Tensor], y: Tensor, previews: bool) -> SampleResult:
@@ -168,16 +172,16 @@ class FastStagedSampler:
         x = [n.float() for n in noise]
         rows = self.rows(x[0].device)
         ends = set(self.sampler.schedule.phase_ends())
-        shots = []
-        for i, cfg in enumerate(self.sampler.step_is_guided):
+        shown = []  # one preview per finished phase
+        for i, double_batch in enumerate(self.sampler.step_is_guided):
             if self._own_graphs:  # torch's graphs overwrite their outputs on the next replay: keep a copy
                 torch.compiler.cudagraph_mark_step_begin()
-                x, v = (list(map(torch.clone, out)) for out in self._compiled_step(x, y, rows[i], cfg))
+                x, v = (list(map(torch.clone, out)) for out in self._compiled_step(x, y, rows[i], double_batch))
             else:
-                x, v = self._compiled_step(x, y, rows[i], cfg)
+                x, v = self._compiled_step(x, y, rows[i], double_batch)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, rows[i, 1], len(shots), self.sampler.stage_rms))
-        return self.sampler.result(x, shots)
+                shown.append(phase_preview(x, v, rows[i, 1], len(shown), self.sampler.flow))
+        return self.sampler.result(x, shown)
 
     # -- CUDA graphs ------------------------------------------------------------------------------------
     def _graphs_for(self, noise: list[Tensor], y: Tensor) -> _Graphs:
@@ -198,24 +202,24 @@ class FastStagedSampler:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for cfg in variants:
+            for double_batch in variants:
                 for _ in range(2):
-                    self._graph_body(bufs, cfg)
+                    self._graph_body(bufs, double_batch)
         torch.cuda.current_stream(device).wait_stream(side)
-        for cfg in variants:
+        for double_batch in variants:
             graph = torch.cuda.CUDAGraph()
             # Both variants share one pool: all their outputs land in the static buffers, so the
             # temporaries of one graph are dead when the other replays.
             with torch.cuda.graph(graph, pool=self._pool):
-                self._graph_body(bufs, cfg)
+                self._graph_body(bufs, double_batch)
             self._pool = graph.pool()
-            bufs.graphs[cfg] = graph
+            bufs.graphs[double_batch] = graph
         self._graphs[key] = bufs
         return bufs
 
-    def _graph_body(self, bufs: _Graphs, cfg: bool) -> None:
+    def _graph_body(self, bufs: _Graphs, double_batch: bool) -> None:
         # What a replay does: one compiled step from the static state, written back into it.
-        x_next, v = self._compiled_step(bufs.x, bufs.y, bufs.row, cfg)
+        x_next, v = self._compiled_step(bufs.x, bufs.y, bufs.row, double_batch)
         for s in range(len(bufs.x)):
             bufs.x[s].copy_(x_next[s])
             bufs.v[s].copy_(v[s])
@@ -230,14 +234,49 @@ class FastStagedSampler:
         bufs.y.copy_(y)
         rows = self.rows(noise[0].device)
         ends = set(self.sampler.schedule.phase_ends())
-        shots = []
-        for i, cfg in enumerate(self.sampler.step_is_guided):
+        shown = []  # one preview per finished phase
+        for i, double_batch in enumerate(self.sampler.step_is_guided):
             bufs.row.copy_(rows[i])
-            bufs.graphs[cfg].replay()
+            bufs.graphs[double_batch].replay()
             if previews and i in ends:
-                shots.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shots), self.sampler.stage_rms))
+                shown.append(phase_preview(bufs.x, bufs.v, rows[i, 1], len(shown), self.sampler.flow))
         x = [buf.clone() for buf in bufs.x]  # the buffers are overwritten by the next call
-        return self.sampler.result(x, shots)
+        return self.sampler.result(x, shown)
 
 
-__all__ = ["FastStagedSampler", "SAMPLER_MODES", "sampler_mode", "schedule_rows"]
+class ModelSampler:
+    """Samples ``model`` as run config ``cfg``'s ``sample`` section says: the staged ODE sampler
+    (:class:`dfm.sampling.StagedSampler`, run by :class:`FastStagedSampler` unless ``mode`` is ``"eager"``) or,
+    with ``sample.mode: sde``, the Euler-Maruyama baseline (:func:`dfm.sampling.sample_sde`). Built once per
+    model and config; the flow space (``dfm.normalization.FlowSpace``) comes from the config.
+    """
+
+    def __init__(self, model, cfg, mode: str = "eager"):
+        self.model, self.num_steps = model, cfg.sample.num_steps
+        self.staged = StagedSampler.from_config(model, cfg) if cfg.sample.mode == "ode" else None
+        self.flow = self.staged.flow if self.staged is not None else FlowSpace.from_config(cfg)
+        # "eager" skips the wrapper: it would run the very same eager sampler
+        self.fast = FastStagedSampler(self.staged, mode) if self.staged is not None and mode != "eager" else None
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: list[Tensor],
+        y: Tensor,
+        previews: bool = True,
+        generator: torch.Generator | None = None,
+        step_noise=None,
+    ) -> SampleResult:
+        """Integrate from ``noise`` (one tensor per stage, coarsest first) with labels ``y``. The SDE also draws
+        noise at every step: from ``step_noise()`` when given, else from ``generator``; its previews are the
+        result itself (one stage)."""
+        if self.staged is None:
+            x = sample_sde(self.model, noise[0], y, self.num_steps, generator=generator, step_noise=step_noise,
+                           flow=self.flow)  # fmt: skip
+            return SampleResult(bands=[x], x=x, previews=[x])
+        if self.fast is None:
+            return self.staged.sample(noise, y, previews)
+        return self.fast.sample(noise, y, previews)
+
+
+__all__ = ["FastStagedSampler", "ModelSampler", "SAMPLER_MODES", "sampler_mode", "schedule_rows"]

@@ -10,9 +10,12 @@ same file at once. A failed write leaves the old file (if any) and removes its t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,8 +94,6 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; on success its files are fsynced and it is renamed to
     ``path`` (which must not exist), so the folder appears whole or not at all; on failure it is removed."""
-    import shutil
-
     path = Path(path)
     staging = temporary_name(path)
     shutil.rmtree(staging, ignore_errors=True)
@@ -194,8 +195,6 @@ class FolderLock:
         self._made_dirs: list[Path] = []  # folders acquire() created, deepest first
 
     def acquire(self) -> FolderLock:
-        import fcntl
-
         missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._made_dirs = missing
@@ -220,8 +219,6 @@ class FolderLock:
 
     def announce(self) -> None:
         """Write the holder (pid and host) into the lock file."""
-        import socket
-
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._announced = True

@@ -71,7 +71,7 @@ def training_flops(config: ModelConfig | str) -> int:
 def sampling_flops(config: ModelConfig | str, step_is_guided: Sequence[bool], method: str = "euler") -> int:
     """FLOPs of one sampled image along a schedule: one forward per step (two with CFG, twice for Heun)."""
     evals_per_step = 2 if method == "heun" else 1
-    return sum((2 if cfg else 1) * evals_per_step for cfg in step_is_guided) * forward_flops(config)
+    return sum((2 if guided else 1) * evals_per_step for guided in step_is_guided) * forward_flops(config)
 
 
 def device_name(device: torch.device | str | None = None) -> str:

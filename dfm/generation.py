@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm import normalization
-from dfm.fast_sampling import FastStagedSampler
+from dfm.fast_sampling import ModelSampler
 from dfm.files import atomic_open, atomic_path, write_text_atomic
 from dfm.precision import autocast, resolve_precision
-from dfm.sampling import StagedSampler, sample_sde
 from dfm.visualize import to_uint8
 
 LABEL_MODES = ("random", "balanced")
@@ -138,9 +136,7 @@ class IndexSampler:
         self.decoder, self.precision = decoder, precision
         self.device = next(model.parameters()).device
         self.shapes = model.input_shapes()
-        self.fast = None
-        if cfg.sample.mode == "ode":
-            self.fast = FastStagedSampler(StagedSampler.from_config(model, cfg), mode=sampler_mode)
+        self.sampler = ModelSampler(model, cfg, mode=sampler_mode)
 
     def draw(self, indices: Sequence[int], pad_to: int | None = None) -> IndexDraws:
         """The host-side draws of ``indices`` (each from its own CPU generator), padded to ``pad_to``.
@@ -167,12 +163,7 @@ class IndexSampler:
         y = draws.y.to(self.device, non_blocking=True)
         # No weight-cast cache: it would hold tensors made outside a CUDA graph's memory pool.
         with autocast(self.device, self.precision, cache_enabled=False):
-            if self.fast is None:
-                steps = self.cfg.sample.num_steps
-                x = sample_sde(self.model, noise[0], y, num_steps=steps, step_noise=draws.step_noise,
-                               stage_rms=normalization.flow_scale(self.cfg))  # fmt: skip
-            else:
-                x = self.fast.sample(noise, y, previews=False).x
+            x = self.sampler.sample(noise, y, previews=False, step_noise=draws.step_noise).x
         return x[: draws.count].float()
 
     def sample(self, indices: Sequence[int], pad_to: int | None = None) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,9 @@ an RMS of 0.72 and the 8x8 band 0.46 (at 16x16, 0.73 and 0.12: the band of upsam
 small). With ``x_t = (1 - t) x + t eps`` an equal ``t`` then means a very different signal-to-noise ratio per
 stage. With ``dfm.normalize_stages`` the flow runs on ``bands[s] / rms[s]``, so every stage has unit second
 moment and equal ``t`` means equal SNR; the sampler multiplies by ``rms[s]`` before recomposing. The map is
-diagonal, one positive scalar per stage: exactly invertible (up to one float rounding each way).
+diagonal, one positive scalar per stage: exactly invertible (up to one float rounding each way). One object,
+:class:`FlowSpace`, holds the map (to the flow, back, the recomposed preview); the objective and every sampler take
+it, so no caller scales a band by hand.
 
 ``rms`` is measured once from the training data (:func:`measure_stage_rms`) when a run starts and stored in
 the run's config (``dfm.stage_rms``, in ``config.yaml`` and every checkpoint's copy), with the counts
@@ -15,6 +17,7 @@ behind it in ``<run>/stage_stats.json``; sampling reads it from there and never 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,47 +62,66 @@ def measure_stage_rms(data_cfg, stages: int) -> dict:
     return {"rms": stage_rms_of(x, stages), "std": stage_std_of(x, stages), "items": len(x), "stages": stages}
 
 
-def check_stage_rms(rms: list[float] | None, stages: int) -> None:
-    """Raise ValueError (naming ``stage_rms``) unless ``rms`` holds one finite positive value per stage."""
-    if rms is None:
-        return
-    if len(rms) != stages:
-        raise ValueError(f"stage_rms has {len(rms)} entries for {stages} stages: {list(rms)}")
-    if not all(math.isfinite(r) and r > 0 for r in rms):
-        raise ValueError(f"stage_rms must be finite and positive, got {list(rms)}")
+@dataclass(frozen=True)
+class FlowSpace:
+    """The space the flow runs in, built once from the run config and taken by the objective and every sampler.
 
+    ``rms`` holds one positive scale per stage (``dfm.stage_rms``): the flow runs on ``bands[s] / rms[s]`` and
+    the samplers multiply back before recomposing. ``FlowSpace()`` (``rms`` None) is the reference: the bands
+    as they are, every map the identity (the very same tensors come back).
+    """
 
-def normalize(bands: list[Tensor], rms: list[float] | None) -> list[Tensor]:
-    """Data-space bands -> flow space: ``bands[s] / rms[s]`` (unchanged without ``rms``)."""
-    return bands if rms is None else [b / r for b, r in zip(bands, rms, strict=True)]
+    rms: tuple[float, ...] | None = None
 
+    def __post_init__(self):
+        if self.rms is None:
+            return
+        rms = tuple(float(r) for r in self.rms)
+        if not all(math.isfinite(r) and r > 0 for r in rms):
+            raise ValueError(f"stage_rms must be finite and positive, got {list(self.rms)}")
+        object.__setattr__(self, "rms", rms)
 
-def denormalize(bands: list[Tensor], rms: list[float] | None) -> list[Tensor]:
-    """Flow-space bands -> data space: ``bands[s] * rms[s]`` (unchanged without ``rms``); inverts :func:`normalize`."""
-    return bands if rms is None else [b * r for b, r in zip(bands, rms, strict=True)]
+    @classmethod
+    def from_config(cls, cfg) -> FlowSpace:
+        """The flow space of run config ``cfg``: ``dfm.stage_rms`` when ``dfm.normalize_stages``, else the
+        identity. A normalised config whose statistics were never measured cannot be sampled or trained:
+        ValueError naming the key."""
+        if not cfg.dfm.normalize_stages:
+            return cls()
+        if cfg.dfm.stage_rms is None:
+            raise ValueError(
+                "stage_rms is not set although dfm.normalize_stages is true: a run measures it from its data when "
+                "it starts (dfm train) and stores it in its config.yaml"
+            )
+        return cls(tuple(cfg.dfm.stage_rms))
 
+    def check_stages(self, stages: int) -> FlowSpace:
+        """``self``, after checking that it holds one scale per stage (ValueError naming ``stage_rms``)."""
+        if self.rms is not None and len(self.rms) != stages:
+            raise ValueError(f"stage_rms has {len(self.rms)} entries for {stages} stages: {list(self.rms)}")
+        return self
 
-def flow_scale(cfg) -> list[float] | None:
-    """The per-stage scale the flow of run config ``cfg`` runs in: ``dfm.stage_rms`` when
-    ``dfm.normalize_stages``, else None (the reference: the bands as they are). A normalised config whose
-    statistics were never measured cannot be sampled: ValueError naming the key."""
-    if not cfg.dfm.normalize_stages:
-        return None
-    if cfg.dfm.stage_rms is None:
-        raise ValueError(
-            "stage_rms is not set although dfm.normalize_stages is true: a run measures it from its data when it "
-            "starts (dfm train) and stores it in its config.yaml"
-        )
-    return list(cfg.dfm.stage_rms)
+    @property
+    def is_identity(self) -> bool:
+        return self.rms is None
+
+    def to_flow(self, bands: list[Tensor]) -> list[Tensor]:
+        """Data-space bands -> flow space: ``bands[s] / rms[s]``."""
+        return bands if self.rms is None else [b / r for b, r in zip(bands, self.rms, strict=True)]
+
+    def to_data(self, bands: list[Tensor]) -> list[Tensor]:
+        """Flow-space bands -> data space: ``bands[s] * rms[s]``; inverts :meth:`to_flow` (one rounding each way)."""
+        return bands if self.rms is None else [b * r for b, r in zip(bands, self.rms, strict=True)]
+
+    def preview(self, bands: list[Tensor], s: int) -> Tensor:
+        """Full-size preview of stages ``0..s`` of flow-space ``bands`` (``dfm.pyramid.preview`` in data space)."""
+        return pyramid.preview(self.to_data(bands), s, full_size=True)
 
 
 __all__ = [
     "STATS_FILE",
-    "check_stage_rms",
-    "denormalize",
-    "flow_scale",
+    "FlowSpace",
     "measure_stage_rms",
-    "normalize",
     "stage_rms_of",
     "stage_std_of",
     "training_images",

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dfm import normalization, ops
+from dfm import ops
+from dfm.normalization import FlowSpace
 
 TSampler = Literal["logit_normal", "uniform"]
 T_SAMPLERS: tuple[str, ...] = typing.get_args(TSampler)
@@ -34,11 +35,11 @@ class StageDraw:
     y: Tensor  # (B,) labels after class dropout (null class = num_classes)
 
 
-def stage_losses(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
+def _stage_terms(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
     """Each stage's term of the loss, shape (S,): ``mean_B [s active] mean_{C,H,W} (v_hat[s] - v[s])^2``.
 
-    The loss is their sum (:func:`stage_loss`); a masked sample adds exactly zero to its stage's term, so the
-    terms are the stages' shares of the logged loss.
+    The loss is their sum; a masked sample adds exactly zero to its stage's term, so the terms are the stages'
+    shares of the logged loss.
     """
     terms = []
     for s, (pred, target) in enumerate(zip(v_hat, v)):
@@ -49,13 +50,11 @@ def stage_losses(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
     return torch.stack(terms)
 
 
-def stage_loss(v_hat: list[Tensor], v: list[Tensor], mask: Tensor) -> Tensor:
-    """``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``; masked stages add exactly zero."""
-    return stage_losses(v_hat, v, mask).sum()
-
-
 class DFMObjective:
     """Draws stages, times, noise and class dropout, and computes the masked per-stage loss.
+
+    :meth:`stage_losses` is the one loss entry: per-stage terms whose sum is the loss
+    ``mean_B sum_{s active} mean_{C,H,W} (v_hat[s] - v[s])^2``.
 
     Args:
         stages: number of pyramid stages S (1 = plain SiT flow matching).
@@ -65,8 +64,8 @@ class DFMObjective:
         t_sampler: ``"logit_normal"`` (``sigmoid(N(mean, std))``) or ``"uniform"`` for the main stage.
         earlier_shift: earlier stages use ``sigmoid(n + earlier_shift)`` (reference: -2, low noise).
         class_dropout: probability of replacing a label by the null class.
-        stage_rms: per-stage normalisation (``dfm.normalization``): the flow runs on ``bands[s] / stage_rms[s]``;
-            None (the reference) keeps the bands as they are.
+        flow: the space the flow runs in (``dfm.normalization.FlowSpace``: per-stage scale); None or the
+            identity (the reference) keeps the bands as they are.
     """
 
     def __init__(
@@ -80,7 +79,7 @@ class DFMObjective:
         logit_std: float = 1.0,
         earlier_shift: float = -2.0,
         class_dropout: float = 0.1,
-        stage_rms: list[float] | None = None,
+        flow: FlowSpace | None = None,
     ):
         if stage_weights is None:
             stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
@@ -92,7 +91,7 @@ class DFMObjective:
             raise ValueError(f"t_sampler must be one of {T_SAMPLERS}, got {t_sampler!r}")
         if not 0.0 <= class_dropout < 1.0:  # NaN fails this too
             raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
-        normalization.check_stage_rms(stage_rms, stages)
+        flow = (flow or FlowSpace()).check_stages(stages)
         self.stages = stages
         total = float(sum(stage_weights))
         self.stage_weights = [w / total for w in stage_weights]
@@ -103,7 +102,7 @@ class DFMObjective:
         self.logit_std = logit_std
         self.earlier_shift = earlier_shift
         self.class_dropout = class_dropout
-        self.stage_rms = None if stage_rms is None else [float(r) for r in stage_rms]
+        self.flow = flow
 
     @classmethod
     def from_config(cls, cfg) -> DFMObjective:
@@ -118,7 +117,8 @@ class DFMObjective:
             per_sample_stage=cfg.dfm.per_sample_stage,
             t_sampler=cfg.dfm.t_sampler,
             class_dropout=cfg.dfm.class_dropout,
-            stage_rms=cfg.dfm.stage_rms if cfg.dfm.normalize_stages else None,
+            # not FlowSpace.from_config: validation builds the objective before a run has measured its statistics
+            flow=FlowSpace(cfg.dfm.stage_rms if cfg.dfm.normalize_stages else None),
         )
 
     # -- random draws ---------------------------------------------------------------------------------
@@ -173,22 +173,16 @@ class DFMObjective:
         self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
     ) -> tuple[Tensor, StageDraw]:
         """Per-stage loss terms (S,) of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``, and the
-        draw; the loss is their sum (:func:`stage_losses`)."""
+        draw; the loss is ``terms.sum()``. ``draw`` replaces the random draw (a test, or a fused kernel fed the
+        same noise); otherwise it comes from ``generator``."""
         if draw is None:
             # The draw needs only the bands' shapes, and decomposing draws nothing, so drawing first lets
             # the decomposition fuse with the noising (dfm.ops: Triton on CUDA, the eager reference otherwise).
             draw = self.draw(ops.band_placeholders(x, self.stages), y, generator)
-        if self.stage_rms is None:
+        if self.flow.is_identity:
             x_t, v = ops.decompose_and_noise(x, self.stages, draw.t, draw.mask, draw.eps)
         else:  # the bands are scaled between decomposition and noising, so the fused kernel does not apply
-            bands = normalization.normalize(ops.decompose(x, self.stages), self.stage_rms)
+            bands = self.flow.to_flow(ops.decompose(x, self.stages))
             x_t, v = ops.noise_stages(bands, draw.t, draw.mask, draw.eps)
         v_hat = model(x_t, draw.t, draw.y, draw.mask)
-        return stage_losses(v_hat, v, draw.mask), draw
-
-    def __call__(
-        self, model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, draw: StageDraw | None = None
-    ) -> tuple[Tensor, StageDraw]:
-        """Loss of ``model`` on images/latents ``x`` (B, C, H, W) with labels ``y``; returns (loss, draw)."""
-        terms, draw = self.stage_losses(model, x, y, generator, draw)
-        return terms.sum(), draw
+        return _stage_terms(v_hat, v, draw.mask), draw

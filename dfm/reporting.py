@@ -16,11 +16,15 @@ redirected to a file, a bar is a carriage-return frame per update (312 of them i
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
+
+from dfm.config import ConfigError
 
 
 class MetricsWriter(Protocol):
@@ -83,8 +87,6 @@ def _import_wandb():
 
 def check_report_to(report_to: str) -> None:
     """Refuse ``report_to: wandb`` when wandb does not import (before any work starts)."""
-    from dfm.config import ConfigError
-
     if report_to == "wandb" and _import_wandb() is None:
         raise ConfigError(
             "config key 'report_to' is wandb but the wandb package is not installed: pip install wandb "
@@ -108,15 +110,11 @@ def peak_memory_gib(device) -> float:
     """Peak memory since the last call, GiB: the CUDA caching allocator's peak of allocated tensors (reset
     here, so each log interval reports its own), or the process's peak resident set on the host (a
     high-water mark since the start). Neither reads anything from the device."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 

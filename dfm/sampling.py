@@ -6,6 +6,9 @@ stages wait at t = 1 (masked, not updated) and earlier stages follow the product
 ``t_j = tau_{j+1} * t_{j+1}``, which is monotone for any number of stages. Euler steps are
 ``x[s] += (t_next[s] - t[s]) * v_hat[s]``; a stage that does not move has ``t_next == t`` and is left
 exactly as it was. The state stays in float32 whatever dtype the model runs in.
+
+Sampling a model from its run config goes through one entry, ``dfm.fast_sampling.ModelSampler``: these
+samplers, on the fast path where it applies.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dfm import normalization, ops, pyramid
+from dfm import ops
+from dfm.normalization import FlowSpace
 
 Method = Literal["euler", "heun"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
@@ -112,9 +116,9 @@ class StagedSampler:
         cfg_scale: guidance weight w; ``v = v_uncond + w (v_cond - v_uncond)`` on guided stages.
         guidance_low, guidance_high: a stage is guided only while its own t lies in this interval.
         null_class: label of the unconditional branch (``num_classes``).
-        stage_rms: the per-stage scale the model's flow runs in (``dfm.normalization``); the state is integrated
-            in that space and multiplied back before the stages are recomposed (results and previews). None:
-            the bands as they are (the reference).
+        flow: the space the model's flow runs in (``dfm.normalization.FlowSpace``); the state is integrated
+            in that space and mapped back before the stages are recomposed (results and previews). None: the
+            bands as they are (the reference).
     """
 
     def __init__(
@@ -126,7 +130,7 @@ class StagedSampler:
         guidance_low: float = 0.0,
         guidance_high: float = 1.0,
         null_class: int = 1000,
-        stage_rms: list[float] | None = None,
+        flow: FlowSpace | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be {' or '.join(map(repr, METHODS))}, got {method!r}")
@@ -139,8 +143,7 @@ class StagedSampler:
         self.method = method
         self.cfg_scale = float(cfg_scale)
         self.null_class = null_class
-        normalization.check_stage_rms(stage_rms, schedule.stages)
-        self.stage_rms = None if stage_rms is None else [float(r) for r in stage_rms]
+        self.flow = (flow or FlowSpace()).check_stages(schedule.stages)
         self.guided = guided_table(schedule, cfg_scale, guidance_low, guidance_high)
         # Host-side copy of which steps double the batch: decided once, never read back from the device.
         self.step_is_guided = self.guided.any(dim=1).tolist()
@@ -163,17 +166,20 @@ class StagedSampler:
             guidance_high=cfg.sample.guidance_high,
             null_class=cfg.data.num_classes,
             # validation builds a sampler without a model before a run has measured its statistics
-            stage_rms=normalization.flow_scale(cfg) if model is not None else None,
+            flow=FlowSpace.from_config(cfg) if model is not None else None,
         )
 
-    def velocity(self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, cfg: bool) -> list[Tensor]:
-        """Model velocity at (x, t) for a batch; with ``cfg`` the batch is doubled with null labels.
+    def velocity(
+        self, x: list[Tensor], t: Tensor, y: Tensor, mask: Tensor, guided: Tensor, double_batch: bool
+    ) -> list[Tensor]:
+        """Model velocity at (x, t) for a batch; ``double_batch`` runs the batch twice, the second half with null
+        labels, and mixes the two by classifier-free guidance on the ``guided`` stages.
 
         ``t`` (S,), ``mask`` (S,) and ``guided`` (S,) are the step's rows of the static tables.
         """
         B = y.shape[0]
         dtype = x[0].dtype
-        if not cfg:
+        if not double_batch:
             return self.model(x, t.expand(B, -1), y, mask.expand(B, -1))
         x2 = [torch.cat([x_s, x_s]) for x_s in x]
         y2 = torch.cat([y, torch.full_like(y, self.null_class)])
@@ -185,27 +191,28 @@ class StagedSampler:
             out.append(torch.where(guided[s], v_guided, v_cond))
         return out
 
-    def step(self, x: list[Tensor], y: Tensor, i: int) -> tuple[list[Tensor], list[Tensor]]:
-        """One step of the schedule; returns the new state and the velocity used (for previews)."""
-        tab = self._tables(x[0].device)
-        t, t_next, mask, guided = tab["t"][i], tab["t_next"][i], tab["active"][i], tab["guided"][i]
-        return self.step_rows(x, y, t, t_next, mask, guided, self.step_is_guided[i])
+    def step_at(self, x: list[Tensor], y: Tensor, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Step ``i`` of the schedule; returns the new state and the velocity used (for previews)."""
+        tables = self._tables(x[0].device)
+        t, t_next, mask, guided = tables["t"][i], tables["t_next"][i], tables["active"][i], tables["guided"][i]
+        return self.step_from_rows(x, y, t, t_next, mask, guided, self.step_is_guided[i])
 
-    def step_rows(
-        self, x: list[Tensor], y: Tensor, t: Tensor, t_next: Tensor, mask: Tensor, guided: Tensor, cfg: bool
+    def step_from_rows(
+        self, x: list[Tensor], y: Tensor, t: Tensor, t_next: Tensor, mask: Tensor, guided: Tensor, double_batch: bool
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """One step from the step's rows of the static tables (each (S,)); ``cfg``: double the batch.
+        """One step from the step's rows of the static tables (each (S,)); ``double_batch``: a guided step
+        (:meth:`velocity`).
 
         A pure function of its tensor arguments with fixed shapes, which is what the compiled and
         CUDA-graph samplers (``dfm.fast_sampling``) trace. Velocities are used in float32, or in the
         state's dtype when that is wider (a float64 reference run).
         """
         wide = torch.promote_types(x[0].dtype, torch.float32)
-        v = [v_s.to(wide) for v_s in self.velocity(x, t, y, mask, guided, cfg)]
+        v = [v_s.to(wide) for v_s in self.velocity(x, t, y, mask, guided, double_batch)]
         dt = t_next - t
         x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         if self.method == "heun":
-            v2 = [v_s.to(wide) for v_s in self.velocity(x_next, t_next, y, mask, guided, cfg)]
+            v2 = [v_s.to(wide) for v_s in self.velocity(x_next, t_next, y, mask, guided, double_batch)]
             v = [(a + b) / 2 for a, b in zip(v, v2)]
             x_next = [x_s + dt[s] * v[s] for s, x_s in enumerate(x)]
         return x_next, v
@@ -228,32 +235,30 @@ class StagedSampler:
         if len(noise) != self.schedule.stages:
             raise ValueError(f"schedule has {self.schedule.stages} stages but got {len(noise)} noise tensors")
         x = [n.float() for n in noise]
-        tab = self._tables(x[0].device)
+        t_next = self._tables(x[0].device)["t_next"]
         ends = set(self.schedule.phase_ends())
-        shots = []
+        shown = []  # one preview per finished phase
         for i in range(self.schedule.num_steps):
-            x, v = self.step(x, y, i)
+            x, v = self.step_at(x, y, i)
             if previews and i in ends:
-                shots.append(phase_preview(x, v, tab["t_next"][i], len(shots), self.stage_rms))
-        return self.result(x, shots)
+                shown.append(phase_preview(x, v, t_next[i], len(shown), self.flow))
+        return self.result(x, shown)
 
     def result(self, x: list[Tensor], previews: list[Tensor]) -> SampleResult:
         """The final flow-space state ``x`` as data-space bands and their recomposition."""
-        bands = normalization.denormalize(x, self.stage_rms)
+        bands = self.flow.to_data(x)
         return SampleResult(bands=bands, x=ops.recompose(bands), previews=previews)
 
 
-def phase_preview(
-    x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int, stage_rms: list[float] | None = None
-) -> Tensor:
+def phase_preview(x: list[Tensor], v: list[Tensor], t_next: Tensor, s: int, flow: FlowSpace | None = None) -> Tensor:
     """Full-size preview at the end of phase ``s`` from the state ``x`` and the velocity ``v`` just used.
 
     The denoised estimate ``x_hat = x_t - t v`` of stages 0..s (stage s is still at its threshold),
-    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table; ``stage_rms``
-    the flow's per-stage scale (``dfm.normalization``), undone before recomposing.
+    recomposed with the untouched later stages; ``t_next`` is the step's (S,) row of the table; ``flow`` the
+    space the state lives in (``dfm.normalization.FlowSpace``), mapped back before recomposing.
     """
     est = [x[j] - t_next[j] * v[j] for j in range(s + 1)]
-    return pyramid.preview(normalization.denormalize(est + x[s + 1 :], stage_rms), s, full_size=True)
+    return (flow or FlowSpace()).preview(est + x[s + 1 :], s)
 
 
 def stage_noise(
@@ -272,7 +277,7 @@ def sample_sde(
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
     step_noise: Callable[[], Tensor] | None = None,
-    stage_rms: list[float] | None = None,
+    flow: FlowSpace | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampling of a single-stage model (the SiT SDE baseline).
 
@@ -281,8 +286,8 @@ def sample_sde(
     (SiT's "sigma" diffusion form). The last step adds no noise, so the output is the mean estimate.
     ``step_noise`` returns the N(0, I) draw of a step (shape of ``noise``) instead of ``generator``: how
     ``dfm.generation`` keeps each sample's noise a function of its own index, whatever batch it is in.
-    ``stage_rms``: the scale the model's flow runs in (``dfm.normalization``), undone on the result as
-    :class:`StagedSampler` does; None: the data as it is.
+    ``flow``: the space the model's flow runs in (``dfm.normalization.FlowSpace``), mapped back on the result
+    as :class:`StagedSampler` does; None: the data as it is.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -303,4 +308,4 @@ def sample_sde(
             else:
                 z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + (g2 * -dt) ** 0.5 * z
-    return normalization.denormalize([x], stage_rms)[0]
+    return (flow or FlowSpace()).to_data([x])[0]

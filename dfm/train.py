@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -125,10 +126,11 @@ def _due(step: int, every: int, last: int) -> bool:
 class Trainer:
     """Owns the run's moving parts; :meth:`fit` is the loop.
 
-    ``grad_norm``: returns the last step's global gradient norm (a device tensor; None if unknown), from the
-    optimizer that clipped. ``decoder``: turns latents into images for the sample grids (``dfm.vae``; None for
-    pixels, or when no VAE is known). ``evaluator``: scores the EMA every ``train.eval_every`` steps
-    (``dfm.evaluation.training``). ``writer``: the metrics backend, set once the run's outputs are open.
+    ``read_grad_norm``: a function returning the last step's global gradient norm (a device tensor; None if
+    unknown), from the optimizer that clipped. ``decoder``: turns latents into images for the sample grids
+    (``dfm.vae``; None for pixels, or when no VAE is known). ``evaluator``: scores the EMA every
+    ``train.eval_every`` steps (``dfm.evaluation.training``). ``writer``: the metrics backend, set once the
+    run's outputs are open.
     """
 
     def __init__(
@@ -140,13 +142,13 @@ class Trainer:
         accum_steps: int,
         engine_state: checkpoint.EngineState,
         rank: int = 0,
-        grad_norm=None,
+        read_grad_norm: Callable[[], Tensor | None] | None = None,
         decoder=None,
         evaluator=None,
     ):
         self.cfg, self.engine, self.ema, self.loader = cfg, engine, ema, loader
         self.accum_steps, self.engine_state, self.rank = accum_steps, engine_state, rank
-        self.grad_norm, self.decoder, self.evaluator = grad_norm, decoder, evaluator
+        self.read_grad_norm, self.decoder, self.evaluator = read_grad_norm, decoder, evaluator
         self.evaluates = evaluator is not None  # the same on every rank (they all join the EMA's gather)
         self.writer: MetricsWriter | None = None
         self.config_yaml = config_text(cfg)
@@ -251,7 +253,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
             sums[:-1] += torch.cat([loss.detach().view(1), terms.detach(), draw.mask.float().mean(0)])
-        norm = self.grad_norm() if self.grad_norm is not None else None
+        norm = self.read_grad_norm() if self.read_grad_norm is not None else None
         if norm is not None:
             sums[-1] += norm
         self.ema_decay = train_ema_decay(step, self.cfg.train)
@@ -262,7 +264,7 @@ class Trainer:
     def interval_scalars(self, values: list[float], steps: int, seconds: float) -> dict[str, float]:
         """Everything logged for an interval of ``steps`` steps that took ``seconds``, keyed by tag."""
         scalars = self.sums.scalars(values, steps * self.accum_steps, steps)
-        if self.grad_norm is None:
+        if self.read_grad_norm is None:
             del scalars["train/grad_norm"]
         images_per_s = steps * self.cfg.train.global_batch_size / seconds
         per_device = images_per_s / self.world_size
@@ -304,16 +306,15 @@ class Trainer:
             self.writer.write(scalars, self.state.step)
         self.progress.log(format_line(self.state.step, self.cfg.train.max_steps, scalars), postfix)
 
-    def periodic(self, step: int) -> float:
-        """Samples, evaluation and checkpoints due at ``step``; returns the seconds they took (not training)."""
-        t, tic = self.cfg.train, time.perf_counter()
+    def sample_evaluate_save(self, step: int) -> None:
+        """The sample grid, evaluation and checkpoint due at ``step`` (each on its own interval)."""
+        t = self.cfg.train
         if _due(step, t.sample_every, t.max_steps):
             self.write_samples()
         if self.evaluates and _due(step, t.eval_every, t.max_steps):
             self.evaluate()
         if _due(step, t.ckpt_every, t.max_steps):
             self.save()
-        return time.perf_counter() - tic
 
     def fit(self) -> float | None:
         """Train until ``train.max_steps``; returns the last logged loss."""
@@ -330,6 +331,8 @@ class Trainer:
                 last = self.log_metrics(sums, step - logged_at, time.perf_counter() - tic)["train/loss"]
                 sums.zero_()
                 tic, logged_at = time.perf_counter(), step
-            tic += self.periodic(step)  # the interval's steps/s count training time only
+            paused = time.perf_counter()
+            self.sample_evaluate_save(step)
+            tic += time.perf_counter() - paused  # the interval's steps/s count training time only
         self.progress.close()
         return last

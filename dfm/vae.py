@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -63,10 +66,7 @@ def _first_line(err: BaseException) -> str:
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached, or None; a 5 s probe. Without it an
     offline lookup retries for ~30 s before failing."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # local: with diffusers, loaded only when a VAE is used
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
@@ -79,9 +79,7 @@ def _hub_unreachable() -> str | None:
 
 
 def _load_config(source: str, subfolder: str | None, local_only: bool) -> dict:
-    import warnings
-
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # local: diffusers takes seconds to import and only latent runs need it
 
     with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
         warnings.simplefilter("ignore")
@@ -153,7 +151,7 @@ def vae_checksum(spec: VaeSpec) -> str | None:
 
 def load_vae(vae: str, subfolder: str | None = None, device: str | torch.device = "cpu"):
     """diffusers ``AutoencoderKL`` from a local folder or a hub name, in eval mode on ``device``, fp32."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # local: see _load_config
 
     model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, low_cpu_mem_usage=False)
     return model.to(device).eval().requires_grad_(False)

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dfm import normalization
+from dfm.fast_sampling import ModelSampler
 from dfm.files import atomic_path
-from dfm.sampling import SampleResult, StagedSampler, sample_sde, stage_noise
+from dfm.sampling import SampleResult, stage_noise
 
 
 def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None) -> SampleResult:
@@ -22,11 +22,7 @@ def sample_model(model, cfg, y: Tensor, generator: torch.Generator | None = None
     was_training = model.training
     model.eval()
     try:
-        if cfg.sample.mode == "sde":
-            stage_rms = normalization.flow_scale(cfg)
-            x = sample_sde(model, noise[0], y, num_steps=cfg.sample.num_steps, generator=generator, stage_rms=stage_rms)
-            return SampleResult(bands=[x], x=x, previews=[x])
-        return StagedSampler.from_config(model, cfg).sample(noise, y)
+        return ModelSampler(model, cfg).sample(noise, y, generator=generator)
     finally:
         model.train(was_training)
 

@@ -15,7 +15,8 @@ COMMANDS = {
     "prepare": ("dfm.launch.prepare", "prepare ImageNet: convert images, encode SD-VAE latents"),
     "evaluate": ("dfm.launch.evaluate", "FID / sFID / IS / precision / recall of an .npz of samples"),
     "generate": ("dfm.launch.generate", "multi-rank sampling of many images into ADM's .npz layout"),
-    "study-digits": ("dfm.launch.study_digits", "DFM vs the SiT baseline on the digits at equal steps and NFE"),
+    # an experiment, not an entry point: it lives with the others in launch/experiments/
+    "study-digits": ("dfm.launch.experiments.study_digits", "DFM vs SiT on the digits at equal steps and NFE"),
 }
 
 

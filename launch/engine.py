@@ -11,61 +11,9 @@ Launching (``launch/scripts/`` has the ImageNet recipes)::
                       --nproc_per_node 8 launch/train.py --config C --data-dir D   (on every node)
 
 The launcher sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; :func:`setup_distributed`
-reads them (and makes a one-rank group for a plain process), so the same loop runs at every scale.
-
-Choices made here, each with its reason:
-
-- ZeRO stage ``train.zero_stage`` 0-3. Stage 0 is plain data parallelism; 1 partitions the optimizer
-  state, 2 also the gradients, 3 also the parameters. One process (the digits runs) defaults to 0. The
-  multi-GPU recipes (``configs/*xl*.yaml``) use ZeRO 2 with ``overlap_comm``: DeepSpeed's ZeRO 0 reduces
-  the gradients only after backward has finished, in one exposed all-reduce (2.7 GB of fp32 gradients per
-  step for SiT-XL/2), while ZeRO 2 reduce-scatters each bucket as soon as backward has produced it, so the
-  reduction runs under the remaining backward, and each rank keeps 1/N of the gradients and AdamW state;
-  what stays exposed is the all-gather of the updated weights after the step (half an all-reduce's
-  traffic). That is a reasoned choice, not yet a GPU measurement: ``benchmarks/bench_zero.py`` has only run
-  on a 2-core CPU, where gloo and the CPU accelerator (no streams) cannot overlap anything. Its numbers (two
-  ranks, gloo, fp32, medians of 10 steps, 2026-11-25), step time relative to ZeRO 0:
-
-  ================================  ======  ======  ======  ======
-  model                             ZeRO 0  ZeRO 1  ZeRO 2  ZeRO 3
-  ================================  ======  ======  ======  ======
-  depth 2, width 64 (0.2 M params)  40 ms   1.15x   1.67x   4.20x
-  DFM-SiT-S/2 (33 M params)         3.5 s   0.86x   1.33x   1.63x
-  ================================  ======  ======  ======  ======
-
-- Gradient communication (``train.overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``,
-  ``allgather_bucket_size``, ZeRO >= 1). Overlap on; contiguous gradients on (DeepSpeed's default: no
-  fragmentation of the gradient memory). Buckets of 5e7 elements (200 MB of fp32) rather than DeepSpeed's
-  5e8: with 5e8 the first bucket of SiT-XL/2 (675 M gradients) would fill only after three quarters of
-  backward, leaving little to overlap; 5e7 gives 14 reductions per step, each large enough for NCCL to run
-  near its bandwidth, and overlap_comm's two bucket buffers cost 400 MB instead of 4 GB.
-- Precision: the engine's weights, optimizer state and gradients are fp32 at every stage, and bf16 comes
-  only from ``torch.autocast`` around the model's forward (``dfm.precision``), as in the reference.
-  DeepSpeed's ``bf16`` section would instead cast the module to bf16 (bf16 residual stream, an EMA of
-  bf16 weights) and at ZeRO 0 wrap the optimizer in a per-tensor loop with a host read per parameter.
-  The autocast is DeepSpeed's ``torch_autocast`` section, not one around the call: ``engine.forward``
-  switches an outer CUDA autocast off unless that section enables its own. Its
-  ``lower_precision_safe_modules`` is empty, so no parameter gets a bf16 communication dtype: gradients
-  are reduced in fp32, like the reference's DDP. The pyramid, noising, targets and loss run outside it.
-- Host syncs: none of ours or DeepSpeed's in a non-logging step at ZeRO 0-2 (``tests/test_host_sync.py``
-  counts them on the real step): the throughput timer is off, clipping is ``dfm.optim.ClippedAdamW``'s
-  (``optimizer_clips``), and the optimizer is torch's fused AdamW. Two exceptions, pinned in that test:
-  ZeRO 3 reads the gradient norm back twice per step, and on CUDA ``overlap_comm`` synchronises the device
-  once per backward (ZeRO 2; per step at ZeRO 1) to close the reduction it ran on a side stream. That
-  wait comes at the end of backward, when the GPU has the reduction queued anyway; we keep overlap on for
-  the multi-GPU recipes because it hides the gradient traffic, and ``train.overlap_comm=false`` removes
-  the wait at the cost of reducing after each bucket on the compute stream.
-- ZeRO-Offload (``train.offload``) refuses a client optimizer, so under offload the optimizer is declared
-  in the generated config instead: DeepSpeed's CPU Adam on CUDA machines (a C++ op, built on first use)
-  and ``torch.optim.AdamW`` on a CPU-only machine, where the "device" already is the host.
-- EMA under ZeRO-3: :class:`ZeRO3EMA` keeps, on each rank, the EMA of that rank's own parameter
-  partition. The alternative -- a full EMA copy updated inside ``GatheredParameters`` -- would all-gather
-  every parameter once more per step and hold the full model on every rank, the two costs ZeRO-3 exists
-  to avoid. The partitions are gathered only to save, sample or export.
-- ``train.compile``: the transformer blocks are compiled (``dfm.compile.compile_model``) for stages 0-2,
-  where DeepSpeed leaves the module untouched. Stage 3 gathers parameters in forward pre-hooks that
-  DeepSpeed marks ``torch.compiler.disable``; a compiled block (``fullgraph=True``) fails on them
-  ("Skip calling torch.compiler.disable()d function"), so stage 3 runs eager and says so.
+reads them (and makes a one-rank group for a plain process), so the same loop runs at every scale. Each choice
+of the generated config is explained beside its line in :func:`deepspeed_config`; measured step times per
+ZeRO stage are in ``benchmarks/results/`` (``bench_zero.py``).
 """
 
 from __future__ import annotations
@@ -75,12 +23,17 @@ import io
 import logging
 import os
 import socket
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from dfm.launch.ema import ModelEMA, ZeRO3EMA
 
+from dfm.compile import compile_model
 from dfm.config import Config, ConfigError
+from dfm.models import DFMSiT
+from dfm.optim import make_optimizer
 from dfm.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -121,9 +74,7 @@ class _Demote(logging.Filter):
 
 def quiet_deepspeed() -> None:
     """Keep DeepSpeed's known noise off the console (see ``DEMOTED_RECORDS``); idempotent."""
-    import warnings
-
-    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils import logger as ds_logger  # local: see setup_distributed
 
     if not any(isinstance(f, _Demote) for f in ds_logger.filters):
         ds_logger.addFilter(_Demote())
@@ -143,6 +94,7 @@ def setup_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Local: importing DeepSpeed takes ~4 s (2-core EPYC) and `dfm generate` reads training_device from here.
     import deepspeed
 
     quiet_deepspeed()
@@ -179,32 +131,61 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
-def optimizer_clips(cfg: Config) -> bool:
-    """Whether our optimizer clips the gradients (``dfm.optim.ClippedAdamW``) rather than DeepSpeed.
+@dataclass(frozen=True)
+class StepPlan:
+    """The decisions of an optimizer step, made by :func:`step_plan`."""
 
-    ZeRO 0-2 with the client optimizer: yes, on device, with no host read (DeepSpeed's own clipping reads
-    the norm back to the host every step, see ``dfm.optim``). ZeRO 3 computes and checks the norm inside its
-    optimizer whatever the config says, and ZeRO-Offload steps DeepSpeed's optimizer: there DeepSpeed clips.
+    client_optimizer: bool  # our AdamW is handed to DeepSpeed (else the generated config declares DeepSpeed's)
+    optimizer_clips: bool  # dfm.optim.ClippedAdamW clips, on device (else DeepSpeed's gradient_clipping)
+    norm_from_optimizer: bool  # the logged norm is ClippedAdamW.grad_norm (else engine.get_global_grad_norm)
+
+
+def step_plan(cfg: Config) -> StepPlan:
+    """Which optimizer steps, who clips, and where the logged gradient norm comes from: the three decisions of a
+    step, made here for every ZeRO stage and read by :func:`deepspeed_config`, :func:`client_optimizer` and
+    :func:`grad_norm_reader`.
+
+    - Optimizer: torch's fused AdamW as ``dfm.optim.ClippedAdamW``, handed to DeepSpeed as its client
+      optimizer. ZeRO-Offload refuses a client optimizer; there the generated config declares DeepSpeed's (CPU
+      Adam on CUDA machines, torch's AdamW on a CPU-only one).
+    - Clipping: ClippedAdamW's at ZeRO 0-2, on device with no host read (DeepSpeed's own clipping reads the
+      norm back to the host every step, see ``dfm.optim``). ZeRO 3 computes and checks the norm inside its
+      optimizer whatever the config says, and under ZeRO-Offload DeepSpeed's optimizer steps: there DeepSpeed
+      clips (``gradient_clipping``).
+    - Gradient norm before clipping (``train/grad_norm``): from whoever clips, ``ClippedAdamW.grad_norm`` (a
+      device tensor, measured also when ``grad_clip`` is 0) or ``engine.get_global_grad_norm``. Reading either
+      queues nothing and waits for nothing; the loop sums it on device and reads it at log steps.
     """
-    return cfg.train.zero_stage < 3 and not cfg.train.offload
+    ours = cfg.train.zero_stage < 3 and not cfg.train.offload
+    return StepPlan(client_optimizer=not cfg.train.offload, optimizer_clips=ours, norm_from_optimizer=ours)
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for this run, derived from the run config (never hand-kept).
 
-    The engine is always fp32 (``dfm.precision``: bf16 only inside ``torch.autocast``), so gradients are
-    fp32 and so is their all-reduce / reduce-scatter. ``load_universal`` makes the engine read a universal
-    checkpoint: how a run resumes at another world size.
+    ``load_universal`` makes the engine read a universal checkpoint: how a run resumes at another world size.
+    A plain step of ZeRO 0-2 reads nothing back to the host (``tests/test_host_sync.py`` counts on the real
+    step); the lines below that keep it so say so.
     """
     micro, accum = batch_layout(cfg, world_size)
     t = cfg.train
-    ours = optimizer_clips(cfg)
+    ours = step_plan(cfg).optimizer_clips
+    # ZeRO 0 is plain data parallelism (one process, the digits, defaults to it); 1 partitions the optimizer
+    # state, 2 the gradients too, 3 the parameters too. The multi-GPU recipes (configs/*xl*.yaml) use ZeRO 2:
+    # ZeRO 0 reduces the gradients in one exposed all-reduce after backward (2.7 GB of fp32 gradients per
+    # SiT-XL/2 step), ZeRO 2 reduce-scatters each bucket as backward produces it and keeps 1/N of the gradients
+    # and AdamW state per rank, leaving exposed only the all-gather of the updated weights. Reasoned, not yet
+    # measured on GPUs: the CPU numbers (benchmarks/results/*-zero.md) cannot show overlap.
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage > 0:
         zero.update(
+            # On CUDA overlap_comm synchronises the device once per backward (ZeRO 2; per step at ZeRO 1) to
+            # close the reduction it ran on a side stream: a wait at the end of backward, when the reduction is
+            # queued anyway, kept because it hides the gradient traffic; off, each bucket reduces on the compute
+            # stream instead.
             overlap_comm=t.overlap_comm,
-            contiguous_gradients=t.contiguous_gradients,
-            reduce_bucket_size=t.reduce_bucket_size,
+            contiguous_gradients=t.contiguous_gradients,  # DeepSpeed's default: no fragmented gradient memory
+            reduce_bucket_size=t.reduce_bucket_size,  # why 5e7: beside the default in dfm.config.TrainConfig
         )
         if t.zero_stage < 3:
             zero["allgather_bucket_size"] = t.allgather_bucket_size
@@ -222,9 +203,16 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
     }
+    # The engine's weights, optimizer state and gradients are fp32 at every stage; bf16 comes only from autocast
+    # around the model's forward (dfm.precision), as in the reference. DeepSpeed's `bf16` section would cast the
+    # module (bf16 residual stream, an EMA of bf16 weights) and at ZeRO 0 step the optimizer per tensor with a
+    # host read per parameter. The autocast is this section rather than one around the call because
+    # engine.forward switches an outer CUDA autocast off; an empty lower_precision_safe_modules gives no
+    # parameter a bf16 communication dtype, so gradients are reduced in fp32 like the reference's DDP.
     if resolve_precision(t.precision, training_device()) == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if t.offload:
+        # no client optimizer under ZeRO-Offload (step_plan): DeepSpeed's is declared here
         on_gpu = training_device().type == "cuda"
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         ds["optimizer"] = {
@@ -245,7 +233,12 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
 
 
 def use_compile(cfg: Config) -> bool:
-    """The one predicate for the compiled model path: ``train.compile`` and a ZeRO stage that allows it."""
+    """The one predicate for the compiled model path: ``train.compile`` and a ZeRO stage that allows it.
+
+    Stages 0-2 leave the module untouched, so its blocks compile (``dfm.compile.compile_model``). Stage 3
+    gathers parameters in forward pre-hooks that DeepSpeed marks ``torch.compiler.disable``, on which a
+    ``fullgraph`` block fails ("Skip calling torch.compiler.disable()d function"): it runs eager and says so.
+    """
     if not cfg.train.compile:
         return False
     if cfg.train.zero_stage == 3:
@@ -263,12 +256,11 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
     Under ZeRO 1/2 each rank steps its slice of the flat fp32 master weights, so the clipping norm is
     summed over the data-parallel group (here every rank: there is no model parallelism).
     """
-    if cfg.train.offload:
+    plan = step_plan(cfg)
+    if not plan.client_optimizer:
         return None
-    from dfm.optim import make_optimizer
-
     t = cfg.train
-    clip = t.grad_clip if optimizer_clips(cfg) else None
+    clip = t.grad_clip if plan.optimizer_clips else None
     group = dist.group.WORLD if t.zero_stage in (1, 2) else None
     return make_optimizer(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, max_norm=clip, norm_group=group
@@ -276,28 +268,24 @@ def client_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimiz
 
 
 def grad_norm_reader(cfg: Config, engine, optimizer):
-    """A function returning the last step's global gradient norm before clipping, as the clipping optimizer
-    keeps it: ``dfm.optim.ClippedAdamW.grad_norm`` (a device tensor; it also measures when ``grad_clip`` is 0),
-    or DeepSpeed's where DeepSpeed clips (ZeRO 3, ZeRO-Offload). Reading it queues nothing and waits for
-    nothing; the loop sums it on device and reads it at log steps."""
-    if optimizer_clips(cfg) and hasattr(optimizer, "grad_norm"):
+    """A function returning the last step's global gradient norm before clipping, from where :func:`step_plan`
+    says it comes: the clipping optimizer's ``grad_norm``, or DeepSpeed's."""
+    if step_plan(cfg).norm_from_optimizer and hasattr(optimizer, "grad_norm"):
         return lambda: optimizer.grad_norm
     return engine.get_global_grad_norm
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_universal: bool = False):
-    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema, grad_norm)``, the last from
+    """``deepspeed.initialize`` with the generated config; returns ``(engine, ema, read_grad_norm)``, the last from
     :func:`grad_norm_reader`.
 
     The EMA of stages 0-2 is a full fp32 copy taken before compiling, so it stays a plain eager module that
     samples without a compile of its own; under ZeRO-3 it is made of the partitions after initialize.
     """
-    import deepspeed
+    import deepspeed  # local: see setup_distributed
 
     ema = ModelEMA(model) if cfg.train.zero_stage < 3 else None
     if use_compile(cfg):
-        from dfm.compile import compile_model
-
         compile_model(model)
     optimizer = client_optimizer(cfg, model)
     engine, *_ = deepspeed.initialize(
@@ -308,7 +296,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
         # model's size, "all-reduce" it and copy it back: three passes over the gradients per step.
         engine.enable_backward_allreduce = False
     if ema is None:
-        from dfm.models import DFMSiT
-
+        # Under ZeRO-3 each rank keeps the EMA of its own parameter partition: a full EMA updated inside
+        # GatheredParameters would all-gather every parameter once more per step and hold the whole model on
+        # every rank, the two costs ZeRO-3 exists to avoid. The partitions are gathered only to save, sample
+        # or export.
         ema = ZeRO3EMA(engine.module, lambda: DFMSiT.from_config(cfg))
     return engine, ema, grad_norm_reader(cfg, engine, optimizer)

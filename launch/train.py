@@ -203,7 +203,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     notes += [note] if note else []
     state = DeepSpeedState(engine, cfg.train.zero_stage)
     trainer = Trainer(
-        cfg, engine, ema, loader, accum, state, rank=rank, grad_norm=grad_norm, decoder=decoder, evaluator=evaluator
+        cfg, engine, ema, loader, accum, state, rank, read_grad_norm=grad_norm, decoder=decoder, evaluator=evaluator
     )
     evaluates = [evaluator is not None]  # rank 0 decides; every rank joins the evaluations' EMA gathers
     if world_size > 1:

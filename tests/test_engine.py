@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from dfm.launch.engine import (
+    StepPlan,
     batch_layout,
     build_engine,
     client_optimizer,
     deepspeed_config,
-    optimizer_clips,
     setup_distributed,
+    step_plan,
     training_device,
 )
 
@@ -63,14 +64,19 @@ def test_who_clips_at_each_stage():
     for stage in (0, 1, 2):
         cfg = tiny(f"train.zero_stage={stage}")
         opt = client_optimizer(cfg, model)
-        assert optimizer_clips(cfg) and isinstance(opt, ClippedAdamW) and opt.max_norm == 1.0
+        plan = step_plan(cfg)
+        assert plan.client_optimizer and plan.optimizer_clips and plan.norm_from_optimizer
+        assert isinstance(opt, ClippedAdamW) and opt.max_norm == 1.0
         assert (opt.norm_group is not None) == (stage > 0)  # partitioned gradients: the norm is summed over ranks
     zero3 = client_optimizer(tiny("train.zero_stage=3"), model)
-    assert not optimizer_clips(tiny("train.zero_stage=3")) and zero3.max_norm is None  # DeepSpeed clips
+    zero3_plan = step_plan(tiny("train.zero_stage=3"))
+    assert not zero3_plan.optimizer_clips and not zero3_plan.norm_from_optimizer and zero3.max_norm is None
+    assert zero3_plan.client_optimizer  # DeepSpeed clips our optimizer's gradients
     offload = tiny("train.zero_stage=2", "train.offload=true")
     ds = deepspeed_config(offload, 2)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["lr"] == offload.train.lr and client_optimizer(offload, model) is None
+    assert step_plan(offload) == StepPlan(client_optimizer=False, optimizer_clips=False, norm_from_optimizer=False)
     assert ds["gradient_clipping"] == offload.train.grad_clip
     with pytest.raises(ConfigError, match="train.offload"):
         tiny("train.offload=true")  # ZeRO-0 has nothing to offload

@@ -42,16 +42,16 @@ def _reference64(model, schedule, noise, y, method="euler"):
     """The eager step in float64 (model and state): sets the scale of float32 rounding error."""
     sampler = StagedSampler(copy.deepcopy(model).double(), schedule, method=method, **CFG)
     x = [n.double() for n in noise]
-    ends, shots = set(schedule.phase_ends()), []
+    ends, shown = set(schedule.phase_ends()), []
     tab_t_next = schedule.t_next.float().to(noise[0].device)
     with torch.no_grad():
         for i in range(schedule.num_steps):
-            x, v = sampler.step(x, y, i)
+            x, v = sampler.step_at(x, y, i)
             if i in ends:
-                s = len(shots)
+                s = len(shown)
                 est = [x[j] - tab_t_next[i, j] * v[j] for j in range(s + 1)]
-                shots.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
-    return pyramid.recompose(x), shots
+                shown.append(pyramid.preview(est + x[s + 1 :], s, full_size=True))
+    return pyramid.recompose(x), shown
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,45 @@ def test_cudagraph_sampler_matches_eager(method, batch, graphs):
     want_other = eager.sample(noise, (y + 1) % CLASSES)
     assert (other.x - want_other.x).abs().max() <= 4 * (got.x - want.x).abs().max() + atol
     assert not torch.equal(other.x, got.x)
+
+
+def test_model_sampler_is_the_samplers_of_the_config():
+    """The one entry (ModelSampler) runs exactly the sampler its config names, in its flow space: the staged ODE
+    sampler (eager, or through FastStagedSampler, which is eager on the host) and the SDE baseline."""
+    from pathlib import Path
+
+    from dfm.config import load_config
+    from dfm.fast_sampling import ModelSampler
+    from dfm.models import DFMSiT
+    from dfm.normalization import FlowSpace
+    from dfm.sampling import sample_sde
+
+    root = Path(__file__).resolve().parent.parent
+    tiny = ["arch.depth=2", "arch.hidden_size=64", "arch.num_heads=2", "data.resolution=8"]
+    dfm_overrides = ["model=DFM-SiT-S/2", "sample.num_steps_per_scale=[3,2]", "dfm.stage_rms=[0.7,0.4]"]
+    dfm_cfg = load_config(root / "configs" / "dfm_digits.yaml", tiny + dfm_overrides)
+    torch.manual_seed(0)
+    model = DFMSiT.from_config(dfm_cfg).eval()
+    with torch.no_grad():  # zero-initialised heads would make every velocity zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    noise = stage_noise(3, model.input_shapes(), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 4, 9])
+    want = StagedSampler.from_config(model, dfm_cfg).sample(noise, y)
+    assert StagedSampler.from_config(model, dfm_cfg).flow == FlowSpace((0.7, 0.4))
+    for mode in ("eager", "auto"):
+        got = ModelSampler(model, dfm_cfg, mode=mode).sample(noise, y)
+        assert torch.equal(got.x, want.x) and all(torch.equal(a, b) for a, b in zip(got.previews, want.previews))
+
+    sit_cfg = load_config(root / "configs" / "sit_digits.yaml",
+                          tiny + ["model=SiT-S/2", "sample.mode=sde", "sample.num_steps=4"])  # fmt: skip
+    sit = DFMSiT.from_config(sit_cfg).eval()
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    z = stage_noise(3, sit.input_shapes(), generator=torch.Generator().manual_seed(2))
+    got = ModelSampler(sit, sit_cfg).sample(z, y, generator=torch.Generator().manual_seed(3))
+    x = sample_sde(
+        sit, z[0], y, num_steps=4, generator=torch.Generator().manual_seed(3), flow=FlowSpace.from_config(sit_cfg)
+    )
+    assert torch.equal(got.x, x) and got.bands[0] is got.x and got.previews[0] is got.x

@@ -270,8 +270,8 @@ def test_latent_model_decodes_with_the_vae(tmp_path, one_thread):
 
 
 def test_study_digits_smoke(tmp_path):
-    from dfm.launch.study_digits import main as study_main
-    from dfm.launch.study_digits import split_nfe
+    from dfm.launch.experiments.study_digits import main as study_main
+    from dfm.launch.experiments.study_digits import split_nfe
 
     assert split_nfe([40, 10], 50) == [40, 10] and split_nfe([40, 10], 5) == [4, 1] and split_nfe([50], 7) == [7]
     assert split_nfe([1, 1, 8], 4) == [1, 1, 2]
@@ -291,7 +291,7 @@ def test_study_digits_smoke(tmp_path):
     assert study["runs"]["dfm-seed0"]["evals"]["4"]["steps_per_stage"] == [4, 1]
     assert study["runs"]["sit-seed1"]["evals"]["4"]["steps_per_stage"] == [5]
     assert study["real"]["accuracy"] > 0.9 and study["real"]["fine_band_ratio"] == pytest.approx(1.0, abs=0.1)
-    from dfm.launch.study_digits import crossing
+    from dfm.launch.experiments.study_digits import crossing
 
     assert crossing([1, 2, 3], {1: 8.0, 2: 4.0, 3: 1.0}, 2.0) == pytest.approx(2.5)  # log-linear: 4 -> 1 halfway at 2
     assert crossing([1, 2], {1: 8.0, 2: 4.0}, 8.0) == 1 and crossing([1, 2], {1: 8.0, 2: 4.0}, 3.0) is None

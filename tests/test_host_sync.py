@@ -125,16 +125,16 @@ def test_overlap_comm_waits_once_per_backward_on_cuda(tmp_path, stage, overlap):
 def test_an_item_added_to_the_step_is_caught(tmp_path, monkeypatch):
     """The counter sees a read-back inside the real step, not only in code written for the test."""
     trainer = build(tmp_path, "exp_name=item")
-    real = objective_module.stage_losses
+    real = objective_module._stage_terms
 
-    def stage_losses_with_item(*args, **kwargs):
+    def stage_terms_with_item(*args, **kwargs):
         terms = real(*args, **kwargs)
         terms.sum().item()
         return terms
 
-    monkeypatch.setattr(objective_module, "stage_losses", stage_losses_with_item)
+    monkeypatch.setattr(objective_module, "_stage_terms", stage_terms_with_item)
     syncs = count_steps(trainer)
-    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_losses_with_item"): STEPS * trainer.accum_steps}
+    assert by_function(syncs) == {("aten._local_scalar_dense", "stage_terms_with_item"): STEPS * trainer.accum_steps}
 
 
 def test_the_loop_reads_only_at_log_sample_eval_and_checkpoint_steps(tmp_path):
@@ -144,7 +144,7 @@ def test_the_loop_reads_only_at_log_sample_eval_and_checkpoint_steps(tmp_path):
     evaluation = ["train.eval_every=3", "train.eval_samples=10"]
     trainer = build(tmp_path, "exp_name=fit", "train.max_steps=2", "train.log_every=3", "train.sample_every=3",
                     *schedule, *evaluation)  # fmt: skip
-    assert trainer.evaluator is not None and trainer.grad_norm is not None
+    assert trainer.evaluator is not None and trainer.read_grad_norm is not None
     trainer.fit()  # warm-up, and a final log, sample, evaluation and save at step 2
     trainer.cfg.train.max_steps = 7
     with HostSyncCounter() as syncs:
@@ -169,7 +169,7 @@ def test_staged_sampler_step_has_no_host_sync():
     noise, y = stage_noise(2, model.input_shapes()), torch.tensor([1, 2])
     sampler.sample(noise, y)  # tables are built once, on the first call
     with HostSyncCounter() as syncs, torch.no_grad():
-        sampler.step(noise, y, 0)
+        sampler.step_at(noise, y, 0)
         result = FastStagedSampler(sampler, mode="eager").sample(noise, y)
     assert syncs.report.count == 0, syncs.report
     assert len(result.previews) == 2

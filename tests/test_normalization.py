@@ -15,6 +15,7 @@ from dfm.config import ConfigError, load_config
 from dfm.data.digits import load_digits_tensor
 from dfm.evaluation.digits import fine_band_ratio
 from dfm.models import DFMSiT
+from dfm.normalization import FlowSpace
 from dfm.objective import DFMObjective
 from dfm.sampling import StagedSampler, stage_noise, staged_schedule
 from dfm.visualize import grid_scale
@@ -36,12 +37,19 @@ def test_normalised_digit_stages_have_unit_rms_and_the_map_inverts():
     assert rms[0] == pytest.approx(0.72, abs=0.005) and rms[1] == pytest.approx(0.46, abs=0.005)
     assert normalization.stage_rms_of(load_digits_tensor(16)[0], 2)[1] == pytest.approx(0.12, abs=0.005)
     bands = pyramid.decompose(x, 2)
-    scaled = normalization.normalize(bands, rms)
+    flow = FlowSpace(rms)
+    scaled = flow.to_flow(bands)
     assert [float(b.square().mean().sqrt()) for b in scaled] == pytest.approx([1.0, 1.0], abs=1e-5)
-    back = normalization.denormalize(scaled, rms)
+    back = flow.to_data(scaled)
     for b, r in zip(bands, back):
         assert torch.allclose(b, r, rtol=2e-7, atol=0)  # one rounding each way
-    assert normalization.normalize(bands, None) is bands and normalization.denormalize(bands, None) is bands
+    assert FlowSpace().to_flow(bands) is bands and FlowSpace().to_data(bands) is bands
+    # the preview recomposes the data-space bands
+    assert torch.equal(flow.preview(scaled, 1), pyramid.preview(back, 1, full_size=True))
+    with pytest.raises(ValueError, match="stage_rms has 2 entries for 3 stages"):
+        flow.check_stages(3)
+    with pytest.raises(ValueError, match="stage_rms must be finite and positive"):
+        FlowSpace((0.5, float("nan")))
 
 
 def test_the_objective_noises_the_scaled_bands():
@@ -49,7 +57,7 @@ def test_the_objective_noises_the_scaled_bands():
     x, y = x[:16], y[:16]
     rms = [0.5, 0.25]
     plain = DFMObjective(2, num_classes=10, class_dropout=0.0)
-    scaled = DFMObjective(2, num_classes=10, class_dropout=0.0, stage_rms=rms)
+    scaled = DFMObjective(2, num_classes=10, class_dropout=0.0, flow=FlowSpace(rms))
     seen = {}
 
     def model(x_t, t, y, mask):  # a real function of its inputs, recording what the objective fed it
@@ -68,7 +76,7 @@ def test_the_objective_noises_the_scaled_bands():
     terms_plain, _ = plain.stage_losses(model, x, y, draw=draw)
     terms_scaled, _ = scaled.stage_losses(model, x, y, draw=draw)
     assert not torch.allclose(terms_plain, terms_scaled)
-    unit, _ = DFMObjective(2, num_classes=10, class_dropout=0.0, stage_rms=[1.0, 1.0]).stage_losses(
+    unit, _ = DFMObjective(2, num_classes=10, class_dropout=0.0, flow=FlowSpace((1.0, 1.0))).stage_losses(
         model, x, y, draw=draw
     )
     assert torch.allclose(unit, terms_plain, atol=1e-6)  # scale 1 is the reference (fused) path
@@ -85,7 +93,7 @@ def test_the_sampler_undoes_the_scale_before_recomposing():
     y = torch.arange(4)
     rms = [0.75, 0.33]
     base = StagedSampler(model, staged_schedule([3, 2], [0.1]), null_class=10).sample(noise, y)
-    norm = StagedSampler(model, staged_schedule([3, 2], [0.1]), null_class=10, stage_rms=rms).sample(noise, y)
+    norm = StagedSampler(model, staged_schedule([3, 2], [0.1]), null_class=10, flow=FlowSpace(rms)).sample(noise, y)
     for s in range(2):  # the flow-space trajectory is the same; the bands come out multiplied by rms
         assert torch.allclose(norm.bands[s], base.bands[s] * rms[s], atol=1e-6)
     assert torch.allclose(norm.x, pyramid.recompose(norm.bands), atol=1e-6)
@@ -105,7 +113,7 @@ def test_config_keys_are_checked():
     cfg = tiny("dfm.normalize_stages=true")  # measured when the run starts
     assert cfg.dfm.stage_rms is None
     with pytest.raises(ValueError, match="stage_rms is not set"):
-        normalization.flow_scale(cfg)
+        FlowSpace.from_config(cfg)
     for name in ("dfm_sit_xl_256", "dfm_sit_xl_512", "sit_xl_256", "sit_xl_512"):  # the reference: off
         values = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
         assert not values.get("dfm", {}).get("normalize_stages", False), name

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from dfm import pyramid
 from dfm.models import build_model
-from dfm.objective import DFMObjective, StageDraw, stage_loss, stage_losses
+from dfm.objective import DFMObjective, StageDraw, _stage_terms
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 10
@@ -169,13 +169,19 @@ def fixed_draw(bands: list[torch.Tensor], mask_rows: list[list[bool]], seed: int
     return StageDraw(t=t, mask=mask, eps=eps, y=torch.randint(0, NUM_CLASSES + 1, (B,), generator=g))
 
 
+def loss_of(obj, *args, **kwargs):
+    """(loss, draw) through the objective's one entry: the loss is the sum of its per-stage terms."""
+    terms, draw = obj.stage_losses(*args, **kwargs)
+    return terms.sum(), draw
+
+
 def test_masked_stage_adds_zero_loss_and_zero_gradient_to_its_head():
     model = small_model()
     x = torch.randn(4, 3, 8, 8, generator=gen(13))
     obj = DFMObjective(2, num_classes=NUM_CLASSES)
     bands = pyramid.decompose(x, 2)
     draw = fixed_draw(bands, [[True, False]] * 4)  # main stage 0 for the whole batch
-    loss, _ = obj(model, x, None, draw=draw)
+    loss, _ = loss_of(obj, model, x, None, draw=draw)
     loss.backward()
 
     x_t, v = noise_stages(bands, draw.t, draw.mask, draw.eps)
@@ -197,7 +203,7 @@ def test_masked_stage_stays_zero_even_when_its_head_outputs_inf():
     v_hat = [torch.randn(3, 2, 4, 4, generator=g, requires_grad=True), torch.full((3, 2, 8, 8), math.inf)]
     v_hat[1].requires_grad_(True)
     mask = torch.tensor([[True, False], [True, False], [True, False]])
-    loss = stage_loss(v_hat, v, mask)
+    loss = _stage_terms(v_hat, v, mask).sum()
     loss.backward()
     torch.testing.assert_close(loss, (v_hat[0] - v[0]).square().mean(), rtol=1e-6, atol=0)
     assert torch.equal(v_hat[1].grad, torch.zeros_like(v_hat[1]))
@@ -210,13 +216,12 @@ def test_loss_with_mixed_mask_matches_formula():
     v_hat = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     mask = torch.tensor([[True, False, False], [True, True, False], [True, True, True], [True, False, False]])
     expected = sum(((v_hat[s][b] - v[s][b]) ** 2).mean().item() for b in range(4) for s in range(3) if mask[b, s]) / 4
-    assert stage_loss(v_hat, v, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert _stage_terms(v_hat, v, mask).sum().item() == pytest.approx(expected, rel=1e-6)
     # each stage's term: its share of the loss, the masked samples counting as zero in the batch mean
-    terms = stage_losses(v_hat, v, mask)
+    terms = _stage_terms(v_hat, v, mask)
     for s in range(3):
         share = sum(((v_hat[s][b] - v[s][b]) ** 2).mean().item() for b in range(4) if mask[b, s]) / 4
         assert terms[s].item() == pytest.approx(share, rel=1e-6), s
-    assert torch.equal(terms.sum(), stage_loss(v_hat, v, mask))  # the loss is their sum, one code path
 
 
 def test_inactive_inputs_are_zeroed_before_embedding():
@@ -240,10 +245,10 @@ def test_inactive_inputs_are_zeroed_before_embedding():
 
     # ... and the loss ignores a masked stage's noise and target.
     obj = DFMObjective(2, num_classes=NUM_CLASSES)
-    loss, _ = obj(model, x, None, draw=draw)
+    loss, _ = loss_of(obj, model, x, None, draw=draw)
     eps1 = torch.where(masked_rows.view(-1, 1, 1, 1), torch.randn(draw.eps[1].shape, generator=g), draw.eps[1])
     other = StageDraw(t=draw.t, mask=draw.mask, eps=[draw.eps[0], eps1], y=draw.y)
-    assert torch.equal(obj(model, x, None, draw=other)[0], loss)
+    assert torch.equal(loss_of(obj, model, x, None, draw=other)[0], loss)
 
 
 # -- S = 1, injected draws ----------------------------------------------------------------------------
@@ -254,7 +259,7 @@ def test_one_stage_is_plain_sit_flow_matching():
     obj = DFMObjective(1, num_classes=NUM_CLASSES)
     x = torch.randn(6, 3, 8, 8, generator=gen(17))
     y = torch.randint(0, NUM_CLASSES, (6,), generator=gen(18))
-    loss, draw = obj(model, x, y, gen(19))
+    loss, draw = loss_of(obj, model, x, y, gen(19))
 
     # SiT flow matching by hand: t ~ sigmoid(N(0, 1)), x_t = (1 - t) x + t eps, v = eps - x, MSE.
     assert draw.mask.all() and draw.t.shape == (6, 1)
@@ -273,13 +278,13 @@ def test_injected_draw_reproduces_the_loss_exactly():
     obj = DFMObjective(2, per_sample_stage=True, num_classes=NUM_CLASSES)
     x = torch.randn(4, 3, 8, 8, generator=gen(20))
     y = torch.randint(0, NUM_CLASSES, (4,), generator=gen(21))
-    loss, draw = obj(model, x, y, gen(22))
-    again, same = obj(model, x, y, draw=draw)
+    loss, draw = loss_of(obj, model, x, y, gen(22))
+    again, same = loss_of(obj, model, x, y, draw=draw)
     assert same is draw
     assert torch.equal(again, loss)
     # The same seed gives the same draw; another seed another loss.
-    assert torch.equal(obj(model, x, y, gen(22))[0], loss)
-    assert not torch.equal(obj(model, x, y, gen(23))[0], loss)
+    assert torch.equal(loss_of(obj, model, x, y, gen(22))[0], loss)
+    assert not torch.equal(loss_of(obj, model, x, y, gen(23))[0], loss)
 
 
 # -- no device-to-host sync ---------------------------------------------------------------------------
@@ -313,7 +318,7 @@ def test_loss_step_has_no_host_sync(per_sample_stage):
         y = torch.zeros(4, dtype=torch.long)
     obj = DFMObjective(2, per_sample_stage=per_sample_stage, num_classes=NUM_CLASSES)
     with RejectSyncingCalls():
-        loss, draw = obj(model, x, y)
+        loss, draw = loss_of(obj, model, x, y)
         loss.backward()
     assert loss.device.type == "meta" and draw.t.device.type == "meta"
     assert next(model.parameters()).grad is not None
@@ -328,7 +333,7 @@ def test_loss_step_has_no_host_sync(per_sample_stage):
 def test_noising_and_loss_capture_as_one_graph():
     def step(bands, t, mask, eps, v_hat_scale):
         x_t, v = noise_stages(bands, t, mask, eps)
-        return stage_loss([v_hat_scale * x for x in x_t], v, mask)
+        return _stage_terms([v_hat_scale * x for x in x_t], v, mask).sum()
 
     g = gen(24)
     bands = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 8, 8, generator=g)]
@@ -346,11 +351,11 @@ def test_loss_step_has_no_host_sync_cuda(per_sample_stage):
     obj = DFMObjective(2, per_sample_stage=per_sample_stage, num_classes=NUM_CLASSES)
     x = torch.randn(4, 3, 8, 8, device=device)
     y = torch.zeros(4, dtype=torch.long, device=device)
-    obj(model, x, y)  # warm-up: lazy CUDA init and library handles are not part of a steady-state step
+    loss_of(obj, model, x, y)  # warm-up: lazy CUDA init and library handles are not part of a steady-state step
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, _ = obj(model, x, y)
+        loss, _ = loss_of(obj, model, x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()

@@ -189,7 +189,7 @@ def test_stages_wait_untouched_until_their_phase():
     sampler = StagedSampler(field, sched, null_class=NUM_CLASSES)
     x = [n.clone() for n in noise]
     for i in range(sched.num_steps):
-        x, _ = sampler.step(x, y, i)
+        x, _ = sampler.step_at(x, y, i)
         for s in range(3):
             if not sched.active[: i + 1, s].any():
                 assert torch.equal(x[s], noise[s])
@@ -276,7 +276,7 @@ def test_guidance_interval_and_doubling_only_on_guided_steps():
     expected = guided_point_mass_states(field, noise, y, sched, w, low, high)
     x = noise
     for i in range(sched.num_steps):
-        x, _ = sampler.step(x, y, i)
+        x, _ = sampler.step_at(x, y, i)
         for s in range(2):
             torch.testing.assert_close(x[s].double(), expected[i][s], rtol=0, atol=1e-4)
     assert field.batch_sizes == [3] * 5 + [6] * 7
@@ -295,7 +295,7 @@ def test_heun_calls_the_model_twice_per_step_and_doubles_only_guided_steps():
     )
     x = stage_noise(2, shapes_for(1), gen(6))
     for i in range(5):  # the last Heun step would evaluate the point-mass field at t = 0
-        x, _ = sampler.step(x, torch.tensor([1, 2]), i)
+        x, _ = sampler.step_at(x, torch.tensor([1, 2]), i)
     assert field.batch_sizes == [2, 2, 4, 4, 4, 4, 4, 4, 2, 2]
 
 
@@ -315,10 +315,10 @@ def test_cfg_scale_one_equals_no_cfg():
     assert calls == [2] * 5  # scale 1: never doubled
     # The doubled-batch path at scale 1 returns the conditional velocity (halves in the right order).
     with torch.no_grad():
-        tab = plain._tables(noise[0].device)
+        tables = plain._tables(noise[0].device)
         for i in range(sched.num_steps):
-            args = (noise, tab["t"][i], y, tab["active"][i], torch.ones(2, dtype=torch.bool))
-            for a, b in zip(plain.velocity(*args, cfg=True), plain.velocity(*args, cfg=False)):
+            args = (noise, tables["t"][i], y, tables["active"][i], torch.ones(2, dtype=torch.bool))
+            for a, b in zip(plain.velocity(*args, double_batch=True), plain.velocity(*args, double_batch=False)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # A scale above 1 whose interval no step reaches is no CFG either.
     unreached = StagedSampler(model, sched, cfg_scale=4.0, guidance_low=2.0, guidance_high=3.0, null_class=NUM_CLASSES)
@@ -338,7 +338,7 @@ def test_cfg_combines_the_two_branches_of_a_real_model():
     t = sched.t[i].float().expand(2, -1)
     mask = sched.active[i].expand(2, -1)
     with torch.no_grad():
-        x_next, v = sampler.step(x, y, i)
+        x_next, v = sampler.step_at(x, y, i)
         v_cond = model(x, t, y, mask)
         v_null = model(x, t, torch.full_like(y, NUM_CLASSES), mask)
     dt = (sched.t_next[i] - sched.t[i]).float()
@@ -433,3 +433,21 @@ def test_sde_is_reproducible_with_a_seed():
     b = sample_sde(field, noise, y, num_steps=20, generator=gen(17))
     c = sample_sde(field, noise, y, num_steps=20, generator=gen(18))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_guidance_interval_is_checked_once_for_each_property():
+    """The order of the interval is the sampler's check, routed to the key by the config; the range [0, 1] is the
+    config's (a sampler accepts an interval no step reaches: it guides nothing)."""
+    from pathlib import Path
+
+    from dfm.config import ConfigError, load_config
+
+    digits = Path(__file__).resolve().parent.parent / "configs" / "dfm_digits.yaml"
+    with pytest.raises(ValueError, match=r"^guidance_low \(0.8\) must not exceed guidance_high \(0.2\)"):
+        StagedSampler(None, staged_schedule([2], []), guidance_low=0.8, guidance_high=0.2)
+    with pytest.raises(ConfigError, match=r"config key 'sample.guidance_low' \(0.8\) must not exceed guidance_high"):
+        load_config(digits, ["sample.guidance_low=0.8", "sample.guidance_high=0.2"])
+    for key, value in (("guidance_low", -0.1), ("guidance_high", 1.5)):
+        with pytest.raises(ConfigError, match=r"'sample.guidance_low' <= 'sample.guidance_high' must lie in \[0, 1\]"):
+            load_config(digits, [f"sample.{key}={value}"])
+    assert load_config(digits, ["sample.guidance_low=0.3", "sample.guidance_high=0.3"]).sample.guidance_low == 0.3

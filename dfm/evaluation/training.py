@@ -23,6 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfm.evaluation.digits import digit_scores
+from dfm.evaluation.evaluator import evaluate_npz
+from dfm.evaluation.inception import load_inception
+from dfm.evaluation.npz import read_reference_stats
+from dfm.files import atomic_open
+from dfm.generation import IndexSampler
+
 # Samples per sampler batch: one batch of the digits' 500, and bounded activations for a large latent model.
 EVAL_BATCH = 256
 
@@ -33,8 +40,6 @@ def eval_samples(
     """The fixed evaluation set of ``model``: model-space samples (decoded uint8 images with ``decoder``)
     and their labels; ``count`` samples (default ``train.eval_samples``) from ``seed`` (default the run's),
     ``batch`` at a time (each index is seeded on its own, so the batch changes no sample)."""
-    from dfm.generation import IndexSampler
-
     seed = cfg.seed if seed is None else seed
     sampler = IndexSampler(model, cfg, seed=seed, labels="balanced", decoder=decoder, sampler_mode="eager")
     n = cfg.train.eval_samples if count is None else count
@@ -56,8 +61,6 @@ class DigitsEvaluator:
         self.cfg = cfg
 
     def __call__(self, model) -> dict[str, float]:
-        from dfm.evaluation.digits import digit_scores
-
         x, y = eval_samples(model, self.cfg)
         scores = digit_scores(x, y, self.cfg.data.resolution)
         return {f"eval/{k}": v for k, v in scores.items()}  # fd, accuracy, fine_band_ratio
@@ -67,8 +70,6 @@ class InceptionEvaluator:
     """``eval/fid``, ``eval/sfid`` and ``eval/inception_score`` of the decoded evaluation set against a reference."""
 
     def __init__(self, cfg, decoder, device):
-        from dfm.evaluation.inception import load_inception
-
         self.cfg, self.decoder, self.device = cfg, decoder, torch.device(device)
         self.inception = load_inception(cfg.train.eval_inception_weights, self.device)
         self.folder = cfg.run_dir / "eval"
@@ -76,10 +77,6 @@ class InceptionEvaluator:
         self.ref_stats = self.folder / "reference_stats.npz"
 
     def __call__(self, model) -> dict[str, float]:
-        from dfm.evaluation.evaluator import evaluate_npz
-        from dfm.evaluation.npz import read_reference_stats
-        from dfm.files import atomic_open
-
         images, labels = eval_samples(model, self.cfg, self.decoder)
         self.folder.mkdir(parents=True, exist_ok=True)
         samples = self.folder / "samples.npz"

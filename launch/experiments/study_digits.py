@@ -38,20 +38,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import yaml
+from dfm.launch.train import run as train_run
 
 from dfm import checkpoint
 from dfm.config import Config, ConfigError, load_config
+from dfm.data.digits import load_digits_tensor
+from dfm.evaluation.digits import NUM_CLASSES, digit_scores
+from dfm.evaluation.training import eval_samples
 from dfm.files import write_json_atomic
+from dfm.pretrained import load_pretrained, pretrained_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODELS = ("dfm", "sit")
 NAMES = {"dfm": "DFM-SiT", "sit": "SiT"}
 METRICS = {"fd": "FD", "accuracy": "acc", "fine_band_ratio": "fine-band ratio"}
 # Keys that schedule work around training without changing the weights (the study evaluates by itself).
 SCHEDULE_KEYS = {"max_steps", "ckpt_every", "keep_ckpts", "sample_every", "log_every", "eval_every", "eval_samples"}
-# The faster-convergence test (the paper claims the same FDD with up to 2x less compute): DFM reaches SiT's
-# final FD in at most this share of SiT's steps.
-PAPER_STEP_RATIO = 0.6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,8 +154,6 @@ def _weights_keys(cfg_dict: dict) -> dict:
 
 def needs_training(cfg: Config) -> bool:
     """Whether ``cfg``'s run lacks its final checkpoint; a folder trained with another config is refused."""
-    import yaml
-
     saved = cfg.run_dir / "config.yaml"
     if saved.is_file():
         before = _weights_keys(yaml.safe_load(saved.read_text()))
@@ -164,10 +165,8 @@ def needs_training(cfg: Config) -> bool:
 
 def train_in_process(cfg: Config) -> float:
     """Train ``cfg`` to ``train.max_steps`` here (resuming a partial run); returns the seconds spent."""
-    from dfm.launch.train import run
-
     tic = time.perf_counter()
-    run(cfg, resume=has_checkpoint(cfg))
+    train_run(cfg, resume=has_checkpoint(cfg))
     return time.perf_counter() - tic
 
 
@@ -229,10 +228,6 @@ def checkpoints(cfg: Config, every: int) -> list[Path]:
 
 def evaluate(ckpt: Path, overrides: list[str], samples: int, seed: int, batch_size: int, cache_dir: str | None) -> dict:
     """Sample ``samples`` digits from the EMA weights of ``ckpt`` with the sampling ``overrides`` and score them."""
-    from dfm.evaluation.digits import digit_scores
-    from dfm.evaluation.training import eval_samples
-    from dfm.pretrained import load_pretrained, pretrained_config
-
     cfg = pretrained_config(ckpt, overrides=overrides)
     model = load_pretrained(ckpt, cfg=cfg)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,9 +242,6 @@ def real_floor(resolution: int, samples: int, seed: int, cache_dir: str | None) 
     """Scores of ``samples`` real digits, balanced over the classes like the generated sets (a seeded choice per
     class): what the data itself scores at this sample count. A random subset would also pay for its class
     imbalance, which balanced samples do not (500 random digits: FD 6.60)."""
-    from dfm.data.digits import load_digits_tensor
-    from dfm.evaluation.digits import NUM_CLASSES, digit_scores
-
     x, y = load_digits_tensor(resolution)
     g = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(y == c).flatten() for c in range(NUM_CLASSES)]
@@ -379,7 +371,7 @@ def markdown(study: dict) -> str:
 def plot(study: dict, path: Path) -> Path:
     """Each metric against the training step: the seed mean and a band of ± one standard deviation per model,
     the real digits' value as a dashed line (matplotlib, from the dev extras)."""
-    import matplotlib
+    import matplotlib  # local: a dev extra, needed only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
