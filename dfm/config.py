@@ -92,6 +92,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: Precision = "auto"  # bf16 autocast over fp32 weights on CUDA, fp32 on CPU (dfm.precision)
     compile: bool = False
+    # Recompute the activations of every k-th transformer block in backward instead of keeping them (dfm.recompute):
+    # 0 off, 1 every block (least memory, about one more forward of the blocks per step), k every k-th.
+    activation_checkpointing: int = 0
     zero_stage: ZeroStage = 0
     offload: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on the host (ZeRO >= 1)
     # ZeRO >= 1 gradient communication (launch/engine.py: deepspeed_config). Buckets of 5e7 elements (200 MB of
@@ -428,6 +431,11 @@ def _check_train(cfg: Config) -> None:
     for key in positive + ("reduce_bucket_size", "allgather_bucket_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
+    if t.activation_checkpointing < 0:
+        raise ConfigError(
+            f"config key 'train.activation_checkpointing' must be 0 (off) or a block interval >= 1, "
+            f"got {t.activation_checkpointing}"
+        )
     if t.micro_batch_size is not None and t.micro_batch_size < 1:
         raise ConfigError(f"config key 'train.micro_batch_size' must be >= 1, got {t.micro_batch_size}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

@@ -35,6 +35,7 @@ from dfm.config import Config, ConfigError
 from dfm.models import DFMSiT
 from dfm.optim import make_optimizer
 from dfm.precision import resolve_precision
+from dfm.recompute import checkpoint_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, load_univ
     import deepspeed  # local: see setup_distributed
 
     ema = ModelEMA(model) if cfg.train.zero_stage < 3 else None
+    # After the EMA copy, as compiling: the EMA only samples, without gradients, and keeps the plain blocks.
+    checkpoint_blocks(model, cfg.train.activation_checkpointing)
     if use_compile(cfg):
         compile_model(model)
     optimizer = client_optimizer(cfg, model)

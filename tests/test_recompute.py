@@ -61,3 +61,56 @@ def test_off_and_bad_intervals():
     checkpoint_blocks(model, 2)
     checkpoint_blocks(model, 2)  # applying twice does not nest the recomputation
     assert checkpointed_blocks(model) == [0, 2]
+
+
+TINY_RUN = ["arch.depth=3", "arch.hidden_size=64", "arch.num_heads=2", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.max_steps=100", "train.log_every=100", "train.sample_every=1000",
+            "train.ckpt_every=1000", "sample.num_steps_per_scale=[2,1]", "sample.per_class=1"]  # fmt: skip
+
+
+def _trained_weights(tmp_path, name: str, *extra: str, steps: int = 3):
+    """The engine's weights after ``steps`` steps of ``Trainer.train_step`` (two accumulated micro-batches each),
+    and the host reads the last step made."""
+    pytest.importorskip("deepspeed", reason="needs deepspeed: the trainer runs on its engine")
+    from pathlib import Path
+
+    from dfm.launch.train import build_trainer
+
+    from dfm.config import load_config
+    from dfm.host_sync import HostSyncCounter
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(
+        root / "configs" / "dfm_digits.yaml", TINY_RUN + [f"output_dir={tmp_path}", f"exp_name={name}", *extra]
+    )
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg)
+    data = iter(trainer.loader)
+    for _ in range(steps - 1):
+        trainer.train_step(data)
+    with HostSyncCounter() as syncs:
+        trainer.train_step(data)
+    weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    return weights, syncs.report.count, checkpointed_blocks(trainer.engine.module)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_checkpointed_run_trains_bitwise_as_the_plain_one_without_host_syncs(tmp_path, stage):
+    zero = f"train.zero_stage={stage}"
+    plain, _, none = _trained_weights(tmp_path, f"plain{stage}", zero)
+    recomputed, syncs, blocks = _trained_weights(tmp_path, f"ckpt{stage}", zero, "train.activation_checkpointing=2")
+    assert none == [] and blocks == [0, 2]
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], recomputed[name]), name
+    assert syncs == 0  # the recomputation reads nothing back to the host either
+
+
+def test_the_config_refuses_a_negative_interval(tmp_path):
+    from pathlib import Path
+
+    from dfm.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        load_config(root / "configs" / "dfm_digits.yaml", ["train.activation_checkpointing=-1"])
