@@ -116,6 +116,7 @@ class DFMObjective:
             num_classes=cfg.data.num_classes,
             per_sample_stage=cfg.dfm.per_sample_stage,
             t_sampler=cfg.dfm.t_sampler,
+            earlier_shift=-cfg.dfm.earlier_stage_location,
             class_dropout=cfg.dfm.class_dropout,
             # not FlowSpace.from_config: validation builds the objective before a run has measured its statistics
             flow=FlowSpace(cfg.dfm.stage_rms if cfg.dfm.normalize_stages else None),

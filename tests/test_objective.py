@@ -116,6 +116,21 @@ def test_earlier_stage_t_is_shifted_to_low_noise():
     assert abs(stats.pearsonr(logit(t[:, 0]).numpy(), logit(t[:, 1]).numpy()).statistic) < 5 / math.sqrt(N_DRAWS)
 
 
+def test_the_earlier_stage_location_comes_from_the_config():
+    from pathlib import Path
+
+    from dfm.config import ConfigError, load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    paper = DFMObjective.from_config(load_config(configs / "dfm_digits.yaml", ["dfm.earlier_stage_location=1.5"]))
+    t, _ = paper.sample_t(torch.ones(N_DRAWS, dtype=torch.long), gen(6))
+    assert stats.kstest(logit(t[:, 0]).numpy(), "norm", args=(-1.5, 1.0)).pvalue > 1e-3
+    assert stats.kstest(logit(t[:, 0]).numpy(), "norm", args=(-2.0, 1.0)).pvalue < 1e-6  # not the default's
+    assert DFMObjective.from_config(load_config(configs / "dfm_digits.yaml")).earlier_shift == -2.0
+    with pytest.raises(ConfigError, match="dfm.earlier_stage_location"):
+        load_config(configs / "dfm_digits.yaml", ["dfm.earlier_stage_location=nan"])
+
+
 def test_uniform_sampler():
     obj = DFMObjective(2, t_sampler="uniform", num_classes=NUM_CLASSES)
     t, _ = obj.sample_t(torch.ones(N_DRAWS, dtype=torch.long), gen(6))
