@@ -173,7 +173,7 @@ def build_trainer(cfg: Config, resume_from: Path | None = None, init: DFMSiT | N
     from dfm.data import build_loader
     from dfm.evaluation.training import build_evaluator
     from dfm.models import DFMSiT
-    from dfm.train import Trainer
+    from dfm.trainer import Trainer
     from dfm.vae import resolve_decoder
 
     rank, world_size = setup_distributed()

@@ -310,7 +310,7 @@ def test_bf16_autocast_trains_fp32_master_weights(out):
 
 def test_loader_global_batches_do_not_depend_on_the_layout():
     from dfm.data.digits import InMemoryLoader
-    from dfm.train import draw_seed
+    from dfm.trainer import draw_seed
 
     n, g, m = 103, 12, 2
     ids = torch.arange(n).view(n, 1, 1, 1)
