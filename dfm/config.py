@@ -19,10 +19,12 @@ from typing import Literal
 
 import yaml
 
+from dfm.errors import ArgumentError
+from dfm.fast_sampling import ModelSampler
 from dfm.models import MODELS, model_config_from
 from dfm.objective import DFMObjective, TSampler
 from dfm.precision import Precision
-from dfm.sampling import Method, StagedSampler
+from dfm.sampling import Method
 
 DataKind = Literal["digits", "latents"]
 LoaderChoice = Literal["auto", "dali", "torch"]
@@ -316,25 +318,28 @@ MODEL_KEYS = {
     "num_classes": "data.num_classes",
     "stages": "dfm.stages_count",
     "patch_size": "model",
+    "qk_norm": "arch.qk_norm",
+    "pos_embed": "arch.pos_embed",
+    "stage_embedding": "arch.stage_embedding",
 }
 
 
 def _keyed(build, keys: dict[str, str], default: str):
-    """Run a component's constructor; re-raise its ValueError as a ConfigError naming the key at fault.
+    """Run a component's constructor; re-raise its error as a ConfigError naming the key at fault.
 
-    Components start their messages with the argument at fault (``stage_weights must ...``, ``num_heads: ...``);
-    ``keys`` maps those names to config keys, anything else is reported under ``default``.
+    A component names the argument it refuses in an :class:`~dfm.errors.ArgumentError`; ``keys`` maps argument
+    names to config keys (``stage_weights`` -> ``dfm.stage_weights``). Any other ValueError is reported under
+    ``default``.
     """
     try:
         return build()
+    except ArgumentError as err:
+        if err.argument not in keys:
+            raise ConfigError(f"config key '{default}': {err}") from None
+        detail = err.detail if err.detail.startswith(":") else f" {err.detail}"
+        raise ConfigError(f"config key '{keys[err.argument]}'{detail}") from None  # "... 'dfm.stage_weights' must be"
     except ValueError as err:
-        message = str(err)
-        name, _, rest = message.partition(" ")
-        if name.endswith(":") and name[:-1] in keys:  # "num_heads: hidden size ..."
-            raise ConfigError(f"config key '{keys[name[:-1]]}': {rest}") from None
-        if name in keys:  # "stage_weights must be ..." reads on as "config key 'dfm.stage_weights' must be ..."
-            raise ConfigError(f"config key '{keys[name]}' {rest}") from None
-        raise ConfigError(f"config key '{default}': {message}") from None
+        raise ConfigError(f"config key '{default}': {err}") from None
 
 
 def _section_keys(section: str, obj) -> dict[str, str]:
@@ -416,9 +421,7 @@ def _check_data(cfg: Config) -> None:
 
 def _check_sampling(cfg: Config) -> None:
     s = cfg.sample
-    _keyed(lambda: StagedSampler.from_config(None, cfg), _section_keys("sample", s), "sample")
-    if s.mode == "sde" and cfg.stages != 1:
-        raise ConfigError("config key 'sample.mode': the SDE sampler is for single-stage (SiT) models only")
+    _keyed(lambda: ModelSampler.check(cfg), _section_keys("sample", s), "sample")
     if s.cfg_scale != 1.0 and cfg.dfm.class_dropout == 0.0:
         raise ConfigError(
             f"config key 'sample.cfg_scale' is {s.cfg_scale} but 'dfm.class_dropout' is 0: a model trained "

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dfm.errors import ArgumentError
 from dfm.normalization import FlowSpace
 from dfm.sampling import SampleResult, StagedSampler, phase_preview, sample_sde
 
@@ -252,11 +253,23 @@ class ModelSampler:
     """
 
     def __init__(self, model, cfg, mode: str = "eager"):
+        self.check(cfg)
         self.model, self.num_steps = model, cfg.sample.num_steps
         self.staged = StagedSampler.from_config(model, cfg) if cfg.sample.mode == "ode" else None
         self.flow = self.staged.flow if self.staged is not None else FlowSpace.from_config(cfg)
         # "eager" skips the wrapper: it would run the very same eager sampler
         self.fast = FastStagedSampler(self.staged, mode) if self.staged is not None and mode != "eager" else None
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Refuse a ``sample`` section no sampler here can run (an :class:`~dfm.errors.ArgumentError` naming the
+        key in ``sample``): the one check, made when a config is loaded (``dfm.config``) and when a sampler is
+        built. The staged schedule is checked in either mode, so a config may switch modes."""
+        StagedSampler.from_config(None, cfg)
+        if cfg.sample.mode == "sde" and cfg.stages != 1:
+            raise ArgumentError("mode", ": the SDE sampler is for single-stage (SiT) models only")
+        if cfg.sample.mode == "sde" and cfg.sample.cfg_scale != 1.0:
+            raise ArgumentError("cfg_scale", ": classifier-free guidance is not implemented for the SDE sampler")
 
     @torch.no_grad()
     def sample(

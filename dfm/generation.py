@@ -130,8 +130,6 @@ class IndexSampler:
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         precision = resolve_precision(precision, next(model.parameters()).device)
-        if cfg.sample.mode == "sde" and cfg.sample.cfg_scale != 1.0:
-            raise ValueError("sample.cfg_scale: classifier-free guidance is not implemented for the SDE sampler")
         self.model, self.cfg, self.seed, self.labels = model, cfg, seed, labels
         self.decoder, self.precision = decoder, precision
         self.device = next(model.parameters()).device

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfm.attention import attention
+from dfm.errors import ArgumentError
 from dfm.pyramid import check_divisible, check_patch, stage_shapes
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -257,31 +258,32 @@ class ModelConfig:
         for name in ("depth", "hidden_size", "num_heads", "in_channels", "num_classes", "stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ArgumentError(name, f"must be a positive integer, got {value!r}")
         for flag in ("qk_norm", "stage_embedding"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+                raise ArgumentError(flag, f"must be true or false, got {getattr(self, flag)!r}")
         if self.pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+            raise ArgumentError("pos_embed", f"must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
         if not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) < 1:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+            raise ArgumentError("mlp_ratio", f"must be a positive number, got {self.mlp_ratio!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"num_heads: hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
-                "it must be divisible by the head count"
+            raise ArgumentError(
+                "num_heads",
+                f": hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
+                "it must be divisible by the head count",
             )
         if self.hidden_size % 4:
-            raise ValueError(
-                f"hidden_size: hidden size {self.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding"
+            raise ArgumentError(
+                "hidden_size", f": hidden size {self.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding"
             )
         try:
             check_patch(self.patch_size, self.stages)
         except ValueError as err:
-            raise ValueError(f"patch_size: {err}") from None
+            raise ArgumentError("patch_size", f": {err}") from None
         try:
             check_divisible(*self.hw, self.stages, self.patch_size)
         except ValueError as err:
-            raise ValueError(f"input_size: {err}") from None
+            raise ArgumentError("input_size", f": {err}") from None
 
 
 class DFMSiT(nn.Module):
@@ -413,7 +415,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown model override(s) {sorted(unknown)}; allowed: {sorted(fields)}")
     config = replace(MODELS[name], **overrides)
     if name.startswith("SiT-") and config.stages != 1:
-        raise ValueError(f"stages: {name} is a single-stage model; use DFM-{name} for stages={config.stages}")
+        raise ArgumentError("stages", f": {name} is a single-stage model; use DFM-{name} for stages={config.stages}")
     return config
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dfm import pyramid
+from dfm.errors import ArgumentError
 
 STATS_FILE = "stage_stats.json"
 # Latent stores are large: the statistics read the first this many items (each with one posterior draw).
@@ -78,7 +79,7 @@ class FlowSpace:
             return
         rms = tuple(float(r) for r in self.rms)
         if not all(math.isfinite(r) and r > 0 for r in rms):
-            raise ValueError(f"stage_rms must be finite and positive, got {list(self.rms)}")
+            raise ArgumentError("stage_rms", f"must be finite and positive, got {list(self.rms)}")
         object.__setattr__(self, "rms", rms)
 
     @classmethod
@@ -89,16 +90,17 @@ class FlowSpace:
         if not cfg.dfm.normalize_stages:
             return cls()
         if cfg.dfm.stage_rms is None:
-            raise ValueError(
-                "stage_rms is not set although dfm.normalize_stages is true: a run measures it from its data when "
-                "it starts (dfm train) and stores it in its config.yaml"
+            raise ArgumentError(
+                "stage_rms",
+                "is not set although dfm.normalize_stages is true: a run measures it from its data when it starts "
+                "(dfm train) and stores it in its config.yaml",
             )
         return cls(tuple(cfg.dfm.stage_rms))
 
     def check_stages(self, stages: int) -> FlowSpace:
         """``self``, after checking that it holds one scale per stage (ValueError naming ``stage_rms``)."""
         if self.rms is not None and len(self.rms) != stages:
-            raise ValueError(f"stage_rms has {len(self.rms)} entries for {stages} stages: {list(self.rms)}")
+            raise ArgumentError("stage_rms", f"has {len(self.rms)} entries for {stages} stages: {list(self.rms)}")
         return self
 
     @property

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dfm import ops
+from dfm.errors import ArgumentError
 from dfm.normalization import FlowSpace
 
 TSampler = Literal["logit_normal", "uniform"]
@@ -84,13 +85,15 @@ class DFMObjective:
         if stage_weights is None:
             stage_weights = [1.0] if stages == 1 else [0.9, 0.1] if stages == 2 else [1.0 / stages] * stages
         if len(stage_weights) != stages:
-            raise ValueError(f"stage_weights has {len(stage_weights)} entries for {stages} stages")
+            raise ArgumentError("stage_weights", f"has {len(stage_weights)} entries for {stages} stages")
         if not all(math.isfinite(w) and w >= 0 for w in stage_weights) or sum(stage_weights) <= 0:
-            raise ValueError(f"stage_weights must be finite and non-negative with a positive sum, got {stage_weights}")
+            raise ArgumentError(
+                "stage_weights", f"must be finite and non-negative with a positive sum, got {stage_weights}"
+            )
         if t_sampler not in T_SAMPLERS:
-            raise ValueError(f"t_sampler must be one of {T_SAMPLERS}, got {t_sampler!r}")
+            raise ArgumentError("t_sampler", f"must be one of {T_SAMPLERS}, got {t_sampler!r}")
         if not 0.0 <= class_dropout < 1.0:  # NaN fails this too
-            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+            raise ArgumentError("class_dropout", f"must lie in [0, 1), got {class_dropout}")
         flow = (flow or FlowSpace()).check_stages(stages)
         self.stages = stages
         total = float(sum(stage_weights))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dfm import ops
+from dfm.errors import ArgumentError
 from dfm.normalization import FlowSpace
 
 Method = Literal["euler", "heun"]
@@ -58,18 +59,19 @@ class Schedule:
 def validate_schedule_args(steps_per_stage: list[int], thresholds: list[float]) -> None:
     """Raise ValueError naming the offending argument."""
     if len(steps_per_stage) < 1:
-        raise ValueError("num_steps_per_scale must have one entry per stage (at least one)")
+        raise ArgumentError("num_steps_per_scale", "must have one entry per stage (at least one)")
     if any(int(n) != n or n < 1 for n in steps_per_stage):
-        raise ValueError(f"num_steps_per_scale entries must be positive integers, got {list(steps_per_stage)}")
+        raise ArgumentError("num_steps_per_scale", f"entries must be positive integers, got {list(steps_per_stage)}")
     if len(thresholds) != len(steps_per_stage) - 1:
-        raise ValueError(
-            f"stage_sampling_thresholds needs one entry per stage boundary ({len(steps_per_stage) - 1}), "
-            f"got {len(thresholds)}: {list(thresholds)}"
+        raise ArgumentError(
+            "stage_sampling_thresholds",
+            f"needs one entry per stage boundary ({len(steps_per_stage) - 1}), got {len(thresholds)}: "
+            f"{list(thresholds)}",
         )
     if any(not 0.0 < tau < 1.0 for tau in thresholds):
-        raise ValueError(f"stage_sampling_thresholds must lie strictly between 0 and 1, got {list(thresholds)}")
+        raise ArgumentError("stage_sampling_thresholds", f"must lie strictly between 0 and 1, got {list(thresholds)}")
     if any(b >= a for a, b in zip(thresholds, thresholds[1:])):
-        raise ValueError(f"stage_sampling_thresholds must be strictly decreasing, got {list(thresholds)}")
+        raise ArgumentError("stage_sampling_thresholds", f"must be strictly decreasing, got {list(thresholds)}")
 
 
 def staged_schedule(steps_per_stage: list[int], thresholds: list[float]) -> Schedule:
@@ -133,11 +135,11 @@ class StagedSampler:
         flow: FlowSpace | None = None,
     ):
         if method not in METHODS:
-            raise ValueError(f"method must be {' or '.join(map(repr, METHODS))}, got {method!r}")
+            raise ArgumentError("method", f"must be {' or '.join(map(repr, METHODS))}, got {method!r}")
         if not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+            raise ArgumentError("cfg_scale", f"must be a finite number, got {cfg_scale!r}")
         if not guidance_low <= guidance_high:  # an interval no step reaches is allowed: it guides nothing
-            raise ValueError(f"guidance_low ({guidance_low}) must not exceed guidance_high ({guidance_high})")
+            raise ArgumentError("guidance_low", f"({guidance_low}) must not exceed guidance_high ({guidance_high})")
         self.model = model
         self.schedule = schedule
         self.method = method
@@ -156,7 +158,7 @@ class StagedSampler:
         """
         steps = cfg.steps_per_stage()
         if len(steps) != cfg.stages:
-            raise ValueError(f"num_steps_per_scale has {len(steps)} entries for {cfg.stages} stages: {steps}")
+            raise ArgumentError("num_steps_per_scale", f"has {len(steps)} entries for {cfg.stages} stages: {steps}")
         return cls(
             model,
             staged_schedule(steps, cfg.thresholds()),
@@ -290,7 +292,7 @@ def sample_sde(
     as :class:`StagedSampler` does; None: the data as it is.
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise ArgumentError("num_steps", f"must be >= 1, got {num_steps}")
     B = y.shape[0]
     x = noise.float()
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
