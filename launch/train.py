@@ -104,7 +104,27 @@ def finetune_start(cfg: Config, init: Path, resume: bool) -> DFMSiT | None:
             f"{cfg.run_dir} already has checkpoints (latest {latest.name}): add --resume to continue it, or pass "
             "another --exp-name to fine-tune afresh"
         )
+    check_same_architecture(cfg, init)
     return load_pretrained(init, cfg=cfg, ema=True)  # the one set of weights an imported or exported model holds
+
+
+def check_same_architecture(cfg: Config, init: Path) -> None:
+    """Refuse to fine-tune ``init`` into a model of another architecture, naming the fields. Most changes would
+    fail at loading (another shape), but some options change no parameter: ``arch.pos_embed: rope`` on weights
+    trained with the sin-cos embedding would load and silently compute something else."""
+    from dataclasses import fields
+
+    from dfm.models import model_config_from
+    from dfm.pretrained import pretrained_config
+
+    source, mine = model_config_from(pretrained_config(init)), model_config_from(cfg)
+    diffs = [f"{f.name}: {getattr(source, f.name)!r} -> {getattr(mine, f.name)!r}" for f in fields(source)
+             if getattr(source, f.name) != getattr(mine, f.name)]  # fmt: skip
+    if diffs:
+        raise ConfigError(
+            f"cannot fine-tune {init} into another architecture ({'; '.join(diffs)}): its weights were trained for "
+            "its own; drop those overrides"
+        )
 
 
 def main(argv: list[str] | None = None) -> float | None:

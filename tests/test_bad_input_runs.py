@@ -135,6 +135,9 @@ CASES = [
      1, r"{root}/nan/w\.safetensors: non-finite weights \(NaN or inf\) in y_embedder\.table\.weight$"),
     ("generate-nan", ["generate", "--ckpt", "{root}/nan/w.safetensors", "--out", "{root}/g.npz", "--device", "cpu"],
      1, r"{root}/nan/w\.safetensors: non-finite weights \(NaN or inf\) in y_embedder\.table\.weight$"),
+    ("finetune-rope-on-sincos", train("output_dir={root}", "exp_name=ft", "--ckpt", "{root}/exp/w.safetensors",
+                                      "arch.pos_embed=rope"),
+     1, r"cannot fine-tune {root}/exp/w\.safetensors into another architecture \(pos_embed: 'sincos' -> 'rope'\)"),
     ("finetune-nan", train("output_dir={root}", "exp_name=ft", "--ckpt", "{root}/nan/w.safetensors"),
      1, r"{root}/nan/w\.safetensors: non-finite weights"),
     # generate: an existing .npz made otherwise is not called done
