@@ -12,4 +12,4 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0 triton==3.7.1  # pinned first: the project asks only for torch>=2.4
 python -m pip install --quiet -e ".[dev]"
 dfm train --config configs/dfm_digits.yaml "$@"
-dfm sample --ckpt runs/dfm-digits --out runs/dfm-digits/samples/final.png --score
+dfm sample --ckpt runs/dfm-digits --out runs/dfm-digits/samples/final.png --force --score  # this script's own grid

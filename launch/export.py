@@ -6,8 +6,8 @@
 
 Every checkpoint already holds the full EMA weights (``ema.safetensors``; under ZeRO-3 the partitions
 are gathered when saving), so exporting needs neither a process group nor a GPU, whatever the ZeRO stage
-and world size of the run. ``--raw`` exports the trained (non-EMA) weights instead: the engine's model
-state for ZeRO 0-2, the fp32 weights consolidated from the shards (DeepSpeed's zero_to_fp32) for ZeRO-3.
+and world size of the run. ``--raw`` exports the trained (non-EMA) weights instead: the checkpoint's
+``model.safetensors``, which every save writes whole (under ZeRO-3 gathered from the partitions, as the EMA).
 The run config travels with the weights, in the file's metadata (``config``, with ``model`` and
 ``step``) and beside it as ``<out>.yaml``. The checkpoint is verified against its manifest first (an
 altered one is refused); an existing ``--out`` or ``.yaml`` is replaced only with ``--force``, and never

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dfm import distributed, generation
 from dfm.config import ConfigError
+from dfm.fast_sampling import sampler_mode
 from dfm.files import FolderLock, LockedError
 from dfm.precision import PRECISIONS, resolve_precision
 
@@ -156,8 +157,9 @@ def _open_parts(args, cfg, ckpt: Path, precision: str, decoder) -> FolderLock | 
     held: list[FolderLock] = []
 
     def decide() -> None:
-        generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision, decoder))
+        # the lock first: two jobs started at once must not both pass the settings check and write the manifest
         held.append(FolderLock(parts, "dfm generate").acquire())
+        generation.check_manifest(parts, manifest_settings(args, cfg, ckpt, precision, decoder))
         generation.clean_temporaries(parts)
         for bad, why in generation.discard_bad_shards(parts):
             print(f"dfm generate: redoing {bad.name} ({why})")
@@ -216,6 +218,10 @@ def generate(args: argparse.Namespace) -> Path | None:
     from dfm.launch.engine import setup_distributed
 
     device = _device(args.device)  # before the process group: it picks the backend
+    try:  # a forced --sampler this device cannot run: refused now, not at the first batch
+        sampler_mode(device, args.sampler)
+    except RuntimeError as err:
+        raise ConfigError(f"--sampler {args.sampler}: {err}") from None
     rank, world_size = setup_distributed()
     out = Path(args.out)
     parts = generation.parts_dir(out)

@@ -37,7 +37,7 @@ from dfm.config import Config, ConfigError, config_from_dict
 from dfm.files import FolderLock, write_json_atomic
 
 RUN_RECORD = "run.json"
-OUTPUTS = ("checkpoints", "tb", "samples", "wandb", "config.yaml", RUN_RECORD, "stage_stats.json")
+OUTPUTS = ("checkpoints", "tb", "samples", "wandb", "eval", "config.yaml", RUN_RECORD, "stage_stats.json")
 # Keys that define the model or the engine layout: a checkpoint cannot be resumed under other values.
 MODEL_KEYS = ("model", "arch", "data.resolution", "data.channels", "data.num_classes", "dfm.stages_count",
               "dfm.normalize_stages", "dfm.stage_rms")  # fmt: skip
@@ -94,6 +94,12 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
         if ckpt:
             found = Path(ckpt)
             checkpoint.verify(found)
+            foreign = found.resolve().parent != (run_dir / "checkpoints").resolve()
+            if foreign and has_outputs(run_dir) and not overwrite:  # B's continuation into A's folder would mix runs
+                raise ConfigError(
+                    f"--ckpt {found} is not a checkpoint of {run_dir}, which already holds a run: pass --overwrite "
+                    "to replace that run, or another --exp-name"
+                )
         else:
             found = checkpoint.find_resumable(run_dir / "checkpoints", report=print)  # verified
         if found is not None:
@@ -117,10 +123,16 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
 
 
 def clear_outputs(run_dir: Path) -> None:
-    """``--overwrite``, once the new run is built: remove the previous run's outputs (never other files)."""
+    """``--overwrite``, once the new run is built: remove the previous run's outputs (never other files).
+
+    The outputs are first renamed into one hidden folder (a rename per output: a crash leaves a split run only
+    between two renames, not part-way through deleting a checkpoint tree), then that folder is deleted."""
+    trash = run_dir / f".overwritten-{os.getpid()}"
+    trash.mkdir()
     for name in OUTPUTS:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if (run_dir / name).exists() or (run_dir / name).is_symlink():
+            os.replace(run_dir / name, trash / name)
+    shutil.rmtree(trash)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from dfm.launch.options import device_name, pick_device, positive_int, sampling_overrides
 
 from dfm.config import ConfigError
-from dfm.files import check_output
+from dfm.files import atomic_open, check_output
 from dfm.generation import settings_array
 from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
 from dfm.vae import resolve_decoder
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--force", action="store_true", help="replace an existing --out or --npz")
     p.add_argument("overrides", nargs="*", help="key=value overrides of sampling keys (sample.*)")
     args = p.parse_args(argv)
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        args.npz += ".npz"  # numpy's savez appends it anyway: check and report the file that will be written
     # A file the user named is never written over unless asked; the default grid is this command's own file in
     # the run's samples/ folder, and sampling again (same seed, same image) replaces it.
     for flag, path in (("--out", args.out), ("--npz", args.npz)):
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
             "vae": decoder.spec.to_dict() if decoder is not None else None,
             "decoded": decoder is not None or cfg.data.kind != "latents",
         }
-        np.savez(args.npz, arr_0=to_uint8(result.x), labels=y.cpu().numpy(), settings=settings_array(settings))
+        with atomic_open(args.npz, "wb") as f:  # never a half-written file in place of the user's
+            np.savez(f, arr_0=to_uint8(result.x), labels=y.cpu().numpy(), settings=settings_array(settings))
         print(f"dfm sample: wrote {args.npz}")
     return out
 

@@ -90,19 +90,19 @@ def resolve_config(args: argparse.Namespace, extra: list[str], init: Path | None
     return load_config(base, flags + overrides)
 
 
-def finetune_start(cfg: Config, init: Path, resume: bool) -> DFMSiT | None:
+def finetune_start(cfg: Config, init: Path, resume: bool, overwrite: bool = False) -> DFMSiT | None:
     """The model to fine-tune from ``init`` (loaded and checked against ``cfg`` before any work), or None when
     ``resume`` continues a fine-tuning run that already has checkpoints."""
     from dfm import checkpoint
     from dfm.pretrained import load_pretrained
 
     latest = checkpoint.latest_checkpoint(cfg.run_dir / "checkpoints")
-    if latest is not None:
+    if latest is not None and not overwrite:
         if resume:
             return None
         raise ConfigError(
-            f"{cfg.run_dir} already has checkpoints (latest {latest.name}): add --resume to continue it, or pass "
-            "another --exp-name to fine-tune afresh"
+            f"{cfg.run_dir} already has checkpoints (latest {latest.name}): add --resume to continue it, --overwrite "
+            "to fine-tune afresh in its place, or pass another --exp-name"
         )
     check_same_architecture(cfg, init)
     return load_pretrained(init, cfg=cfg, ema=True)  # the one set of weights an imported or exported model holds
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> float | None:
     try:
         cfg = resolve_config(args, extra, init)
         if init is not None:
-            start = finetune_start(cfg, init, args.resume)
+            start = finetune_start(cfg, init, args.resume, args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dfm train: {err}")
     if start is not None:
@@ -311,7 +311,8 @@ def run(
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:
             trainer.resume(resume_from)
-        if overwrite and resume_from is None:  # the new run is built: only now may the old one go
+        own = resume_from is not None and resume_from.resolve().parent == (cfg.run_dir / "checkpoints").resolve()
+        if overwrite and not own:  # the new run is built (from nothing or another run's --ckpt): the old one goes
             distributed.agree(lambda: clear_outputs(cfg.run_dir))
         if rank == 0:
             lock.announce()  # the run has started: from here on the folder is its

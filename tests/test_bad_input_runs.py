@@ -56,6 +56,7 @@ def root(tmp_path_factory) -> Path:
     run(tiny(root, "exp_name=done", "train.eval_every=0"))  # no 500-sample evaluation at the end
     ckpt = root / "done" / "checkpoints" / "0000002"
     shutil.copytree(root / "done", root / "altered")
+    shutil.copytree(root / "done", root / "twin")
     ema = root / "altered" / "checkpoints" / "0000002" / checkpoint.EMA_FILE
     data = bytearray(ema.read_bytes())
     data[-5] ^= 0x40  # a flipped bit in the last weight: same size, another checksum
@@ -103,6 +104,9 @@ CASES = [
      1, r"--resume: nothing to resume in {root}/dnoe"),
     ("ckpt-missing", train("output_dir={root}", "exp_name=done", "--ckpt", "{root}/nonexistent"),
      1, r"{root}/nonexistent does not exist"),
+    ("foreign-ckpt-into-a-run",
+     train("output_dir={root}", "exp_name=twin", "--ckpt", "{root}/done/checkpoints/0000002"),
+     1, r"--ckpt {root}/done/checkpoints/0000002 is not a checkpoint of {root}/twin, which already holds a run"),
     ("fresh-in-used-folder", train("output_dir={root}", "exp_name=done"),
      1, r"{root}/done already holds a run"),
     # sampling: arguments checked before anything is loaded
@@ -169,6 +173,9 @@ CASES = [
 ]  # fmt: skip
 if not HAS_CUDA:
     CASES += [
+        ("generate-cudagraph-on-cpu", ["generate", "--ckpt", "{root}/done", "--out", "{root}/g.npz", "--device", "cpu",
+                                       "--sampler", "cudagraph"],
+         1, r"--sampler cudagraph: sampler mode 'cudagraph' was forced but the tensors are on cpu, not CUDA"),
         ("sample-device-cuda", ["sample", "--ckpt", "{root}/done", "--device", "cuda"],
          1, r"--device cuda was given but CUDA is not available"),
         ("generate-device-cuda", ["generate", "--ckpt", "{root}/done", "--out", "{root}/g.npz", "--device", "cuda"],

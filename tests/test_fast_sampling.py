@@ -183,7 +183,8 @@ def test_model_sampler_is_the_samplers_of_the_config():
         assert torch.equal(got.x, want.x) and all(torch.equal(a, b) for a, b in zip(got.previews, want.previews))
 
     sit_cfg = load_config(root / "configs" / "sit_digits.yaml",
-                          tiny + ["model=SiT-S/2", "sample.mode=sde", "sample.num_steps=4"])  # fmt: skip
+                          tiny + ["model=SiT-S/2", "sample.mode=sde", "sample.num_steps=4",
+                                  "dfm.normalize_stages=true", "dfm.stage_rms=[0.6]"])  # fmt: skip
     sit = DFMSiT.from_config(sit_cfg).eval()
     with torch.no_grad():
         for p in sit.parameters():
@@ -194,3 +195,5 @@ def test_model_sampler_is_the_samplers_of_the_config():
         sit, z[0], y, num_steps=4, generator=torch.Generator().manual_seed(3), flow=FlowSpace.from_config(sit_cfg)
     )
     assert torch.equal(got.x, x) and got.bands[0] is got.x and got.previews[0] is got.x
+    unscaled = sample_sde(sit, z[0], y, num_steps=4, generator=torch.Generator().manual_seed(3), flow=FlowSpace())
+    assert not torch.allclose(got.x, unscaled)  # the flow space is not the identity here: dropping it would show

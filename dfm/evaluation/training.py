@@ -18,6 +18,7 @@ with the draw. What scores it:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,11 @@ class InceptionEvaluator:
         self.inception = load_inception(cfg.train.eval_inception_weights, self.device)
         self.folder = cfg.run_dir / "eval"
         self.ref = Path(cfg.train.eval_ref)
-        self.ref_stats = self.folder / "reference_stats.npz"
+        # The reference's statistics, computed once per run and named after the reference file (its path, size
+        # and time), so a run given another train.eval_ref never scores against a stale cache.
+        ref_id = self.ref.stat() if self.ref.exists() else None
+        key = f"{self.ref.resolve()}|{ref_id.st_size if ref_id else ''}|{ref_id.st_mtime_ns if ref_id else ''}"
+        self.ref_stats = self.folder / f"reference_stats-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
     def __call__(self, model) -> dict[str, float]:
         images, labels = eval_samples(model, self.cfg, self.decoder)

@@ -166,7 +166,8 @@ def needs_training(cfg: Config) -> bool:
 def train_in_process(cfg: Config) -> float:
     """Train ``cfg`` to ``train.max_steps`` here (resuming a partial run); returns the seconds spent."""
     tic = time.perf_counter()
-    train_run(cfg, resume=has_checkpoint(cfg))
+    resume = has_checkpoint(cfg)  # else an interrupted start may have left outputs: nothing in them to keep
+    train_run(cfg, resume=resume, overwrite=not resume)
     return time.perf_counter() - tic
 
 
@@ -176,7 +177,8 @@ def has_checkpoint(cfg: Config) -> bool:
 
 
 def train_subprocess(config_path: str, overrides: list[str], log: Path, resume: bool) -> float:
-    """Train one run as a ``dfm train [--resume]`` process (its output in ``log``); returns the seconds spent.
+    """Train one run as a ``dfm train --resume|--overwrite`` process (its output in ``log``); returns the seconds
+    spent. ``needs_training`` has checked the folder's config, so without a checkpoint there is nothing to keep.
 
     One thread per process unless ``OMP_NUM_THREADS`` says otherwise: on a 2-core machine two single-thread
     trainings finish sooner than two that each ask for both cores.
@@ -187,7 +189,7 @@ def train_subprocess(config_path: str, overrides: list[str], log: Path, resume: 
         env.pop(key, None)
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dfm.launch.cli", "train", "--config", config_path, *overrides]
-    cmd += ["--resume"] if resume else []
+    cmd += ["--resume"] if resume else ["--overwrite"]  # no checkpoint: what an interrupted start left goes
     tic = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
