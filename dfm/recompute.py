@@ -12,7 +12,7 @@ the gradients are bitwise those of the plain step (``tests/test_recompute.py``).
 
 from __future__ import annotations
 
-import functools
+import types
 
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -35,9 +35,16 @@ def checkpoint_blocks(model: nn.Module, every: int) -> nn.Module:
         )
     for i, block in enumerate(blocks):
         if i % every == 0 and not getattr(block, "_dfm_checkpointed", False):
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = types.MethodType(_checkpointed_forward, block)
             block._dfm_checkpointed = True
     return model
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    # A plain function bound to the block, not functools.partial(checkpoint, ...): torch.compile traces it and
+    # turns the checkpoint call into its higher-order op (a partial of the dynamo-disabled checkpoint left a
+    # compiled block with no frame to compile), and a deepcopy of the block binds the copy, not the original.
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def checkpointed_blocks(model: nn.Module) -> list[int]:
