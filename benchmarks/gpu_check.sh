@@ -28,7 +28,14 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-${1:-gpu_check}}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
+# The interpreter: $PYTHON, else the first of python3 and python that has torch (the machine's may be either).
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in python3 python; do
+    if "$candidate" -c 'import torch' 2>/dev/null; then PY=$candidate; break; fi
+  done
+  PY=${PY:-python3}
+fi
 WHEELS=${WHEELS:-$ROOT/.whl}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOGS=$WORK/logs
@@ -108,7 +115,7 @@ else
     benchmarks/bench_copy.py benchmarks/bench_pyramid_noise.py benchmarks/bench_noising.py benchmarks/bench_laplacian.py
   # 2. The training step dfm train runs (engine, bf16 autocast) against the plain one: DFM-SiT-XL/2 at 256 px,
   #    the largest batch that fits both.
-  step train_step 100 env DFM_BENCH_MODELS=DFM-SiT-XL/2 DFM_BENCH_BATCH=auto DFM_BENCH_ROUNDS=10 \
+  step train_step 130 env DFM_BENCH_MODELS=DFM-SiT-XL/2 DFM_BENCH_BATCH=auto DFM_BENCH_ROUNDS=10 \
     "${BENCH[@]}" "${DRY[@]}" --benchmark-json="$WORK/json/train_step.json" -k "not compile" benchmarks/bench_train_step.py
   # 3. The sampler at batch 16, 50 NFE (40 + 10 steps, no guidance): eager, our CUDA graphs, torch's (two
   #    cold XL/2 compiles: Inductor's cache does not carry across the two modes).
