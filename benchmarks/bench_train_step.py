@@ -10,6 +10,8 @@ and optimizer settings (AdamW lr 1e-4, clipping 1.0, EMA 0.9999):
 - ``engine``: ``Trainer.train_step`` on the DeepSpeed engine and EMA that ``dfm.launch.train.build_trainer``
   makes from a run config (``dfm train``'s own path), ZeRO 0, one rank, in the reference's precision.
 - ``engine+compile``: the same with ``train.compile=true``; its first step (the compile) is timed apart.
+- ``engine+checkpointing``: the engine with ``train.activation_checkpointing=1`` (every block recomputed in
+  backward): the recompute's cost as a time ratio against ``engine``, the memory it saves as a peak.
 
 Reported per provider: seconds per step (the median), images/s, peak memory, and on CUDA TFLOP/s and MFU
 against the card's bf16 peak (``dfm.flops``). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA;
@@ -56,7 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = os.environ.get("DFM_BENCH_MODELS", "DFM-SiT-B/8,DFM-SiT-B/2").split(",")
 NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 PROVIDERS = ["reference", pytest.param("engine", marks=NEEDS_DEEPSPEED),
-             pytest.param("engine+compile", marks=NEEDS_DEEPSPEED)]  # fmt: skip
+             pytest.param("engine+compile", marks=NEEDS_DEEPSPEED),
+             pytest.param("engine+checkpointing", marks=NEEDS_DEEPSPEED)]  # fmt: skip
 BATCH = os.environ.get("DFM_BENCH_BATCH", "64" if HAS_CUDA else "8")  # a number, or "auto" (CUDA)
 ROUNDS = int(os.environ.get("DFM_BENCH_ROUNDS", 20 if HAS_CUDA else 3))
 LATENT = (4, 32, 32)  # SD-VAE latents of 256 px images
@@ -157,7 +160,7 @@ def latent_store(root: Path) -> Path:
     return write_store(root, moments.astype(np.float16), rng.integers(0, CLASSES, 64), num_classes=CLASSES)
 
 
-def engine_step(model_name: str, size: int, compiled: bool, workdir: Path):
+def engine_step(model_name: str, size: int, compiled: bool, workdir: Path, checkpointing: int = 0):
     """``Trainer.train_step`` on the engine ``build_trainer`` makes; returns ``(step, model)``."""
     from dfm.launch.train import build_trainer
 
@@ -170,6 +173,7 @@ def engine_step(model_name: str, size: int, compiled: bool, workdir: Path):
         f"train.grad_clip={CLIP}",
         f"train.ema_decay={EMA_DECAY}",
         f"train.compile={str(compiled).lower()}",
+        f"train.activation_checkpointing={checkpointing}",
         "train.zero_stage=0",  # one rank: the recipe's ZeRO 2 would only add partition bookkeeping
         # the reference's precision on every device: bf16 autocast on CUDA (the recipe's), fp32 on CPU. The
         # recipe's explicit bf16 on a CPU with AVX512-BF16 made the engine's matmuls 4x faster than the
@@ -192,7 +196,8 @@ def engine_step(model_name: str, size: int, compiled: bool, workdir: Path):
 def make_step(model_name: str, provider: str, size: int, workdir: Path):
     if provider == "reference":
         return reference_step(model_name, size)
-    return engine_step(model_name, size, provider == "engine+compile", workdir)
+    return engine_step(model_name, size, provider == "engine+compile", workdir,
+                       checkpointing=1 if provider == "engine+checkpointing" else 0)  # fmt: skip
 
 
 # -- peak memory -----------------------------------------------------------------------------------------
