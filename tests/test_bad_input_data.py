@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data.data_testing import make_tiny_vae  # tests/data: the suite's tiny VAE
 from dfm.launch.cli import main as dfm
 from PIL import Image
 
@@ -39,23 +40,6 @@ def make_images(root: Path, classes: int = 2, per_class: int = 3) -> Path:
             h, w = (int(v) for v in rng.integers(20, 40, 2))
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
-
-
-def make_vae(path: Path, seed: int) -> Path:
-    """A 2-level AutoencoderKL with random weights (``seed``) saved as a hub VAE is, ~40 kB."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).save_pretrained(path)
-    return path
 
 
 def encode_argv(source: Path, dest: Path, vae: Path, *extra: str) -> list[str]:
@@ -99,7 +83,7 @@ def w(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad-input")
     p = {"root": root, "raw": make_images(root / "raw"), "empty": root / "empty-source"}
     p["empty"].mkdir()
-    p["vae_a"], p["vae_b"] = make_vae(root / "vae-a", 0), make_vae(root / "vae-b", 1)
+    p["vae_a"], p["vae_b"] = make_tiny_vae(root / "vae-a", 0), make_tiny_vae(root / "vae-b", 1)
     p["images"], p["images2"], p["images_zip"] = root / "images", root / "images-copy", root / "images.zip"
     for dest in (p["images"], p["images2"], p["images_zip"]):
         assert dfm(["prepare", "convert", "--source", str(p["raw"]), "--dest", str(dest), "--resolution",

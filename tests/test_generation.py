@@ -225,18 +225,10 @@ def test_truncated_shards_are_redone_and_one_job_per_out(pixel_ckpt, tmp_path, o
 
 
 def test_latent_model_decodes_with_the_vae(tmp_path, one_thread):
+    from data.data_testing import make_tiny_vae
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )  # fmt: skip  (a random 2x-upsampling decoder, 4 latent channels)
-    vae.save_pretrained(tmp_path / "vae")
+    make_tiny_vae(tmp_path / "vae")  # a random 2x-upsampling decoder, 4 latent channels
     cfg = load_config(
         ROOT / "configs" / "dfm_digits.yaml",
         TINY

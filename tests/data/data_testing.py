@@ -34,20 +34,18 @@ def make_image_folder(root: Path) -> Path:
     return root
 
 
-def make_tiny_vae(path: Path) -> Path:
-    """A 2-level AutoencoderKL (downsampling 2, 4 latent channels) with random weights, saved like a hub VAE."""
+def make_tiny_vae(path: Path, seed: int | None = None, **config) -> Path:
+    """A 2-level AutoencoderKL (downsampling 2, 4 latent channels) with random weights (from ``seed`` when given),
+    saved like a hub VAE; ``config`` overrides its settings (``latent_channels``, ``scaling_factor``, ...)."""
+    import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    vae.save_pretrained(path)
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    sample_size=16)  # fmt: skip
+    AutoencoderKL(**(settings | config)).save_pretrained(path)
     return path
 
 

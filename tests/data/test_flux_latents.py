@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from data_testing import make_tiny_vae
 from PIL import Image
 
 FLUX_SCALE, FLUX_SHIFT, CHANNELS = 0.3611, 0.1159, 16
@@ -20,15 +21,13 @@ TINY = ["model=DFM-SiT-S/4", "arch.depth=2", "arch.hidden_size=64", "arch.num_he
 @pytest.fixture(scope="module")
 def flux_vae(tmp_path_factory):
     """A 2-level AutoencoderKL with FLUX's latent channels and factors, random weights, saved like a hub VAE."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=CHANNELS, norm_num_groups=4,
-                        sample_size=16, scaling_factor=FLUX_SCALE, shift_factor=FLUX_SHIFT)  # fmt: skip
-    path = tmp_path_factory.mktemp("vae") / "tiny-flux"
-    vae.save_pretrained(path)
-    return path
+    return make_tiny_vae(
+        tmp_path_factory.mktemp("vae") / "tiny-flux",
+        seed=0,
+        latent_channels=CHANNELS,
+        scaling_factor=FLUX_SCALE,
+        shift_factor=FLUX_SHIFT,
+    )
 
 
 @pytest.fixture(scope="module")
