@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dfm import distributed, generation
 from dfm.config import ConfigError
+from dfm.devices import resolve_device
 from dfm.fast_sampling import sampler_mode
 from dfm.files import FolderLock, LockedError
 from dfm.precision import PRECISIONS, resolve_precision
@@ -89,7 +90,7 @@ def sampling_overrides(args: argparse.Namespace) -> list[str]:
 
 def _device(requested: str) -> torch.device:
     """``--device`` through the one decision of ``training_device``; ``cpu`` keeps every rank on the host."""
-    options.check_device(requested)
+    resolve_device(requested)  # refused here, in one line, before any process group or model
     if requested == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # also gloo instead of nccl, and no GPU per rank needed
     from dfm.launch.engine import training_device

@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-import torch
-
 from dfm.config import ConfigError, SampleConfig
-from dfm.devices import resolve_device
 
 SAMPLE_KEYS = frozenset(SampleConfig.__dataclass_fields__)
 # the one key beyond sample.* a sampling command may set: where the latent store (and so its VAE) now is
@@ -33,16 +30,6 @@ def device_name(text: str) -> str:
     if not DEVICE.match(text.strip()):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text.strip()
-
-
-def check_device(requested: str) -> None:
-    """Refuse a ``--device`` this machine does not have, before anything is loaded (:mod:`dfm.devices`)."""
-    resolve_device(requested)
-
-
-def pick_device(requested: str) -> torch.device:
-    """``--device`` as a device: ``auto`` is this rank's GPU when CUDA is available, else the CPU."""
-    return resolve_device(requested)
 
 
 def sampling_overrides(texts: list[str]) -> list[str]:
@@ -70,4 +57,4 @@ def sampling_overrides(texts: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["SAMPLE_KEYS", "check_device", "device_name", "pick_device", "positive_int", "sampling_overrides"]
+__all__ = ["SAMPLE_KEYS", "device_name", "positive_int", "sampling_overrides"]

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dfm.launch.options import device_name, pick_device, positive_int, sampling_overrides
+from dfm.launch.options import device_name, positive_int, sampling_overrides
 
 from dfm.config import ConfigError
+from dfm.devices import resolve_device
 from dfm.files import atomic_open, check_output
 from dfm.generation import settings_array
 from dfm.pretrained import load_pretrained, pretrained_config, resolve_pretrained
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
         if path is not None:
             check_output(path, flag, force=args.force, inputs=(args.ckpt,))
     try:
-        device = pick_device(args.device)
+        device = resolve_device(args.device)
         overrides = sampling_overrides(args.overrides)
         model, cfg = load_model(args.ckpt, args.config, overrides, use_ema=False if args.raw else None)
         decoder, note = resolve_decoder(cfg, args.vae, device)
