@@ -94,8 +94,7 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
         if ckpt:
             found = Path(ckpt)
             checkpoint.verify(found)
-            foreign = found.resolve().parent != (run_dir / "checkpoints").resolve()
-            if foreign and has_outputs(run_dir) and not overwrite:  # B's continuation into A's folder would mix runs
+            if not own_checkpoint(run_dir, found) and has_outputs(run_dir) and not overwrite:  # would mix two runs
                 raise ConfigError(
                     f"--ckpt {found} is not a checkpoint of {run_dir}, which already holds a run: pass --overwrite "
                     "to replace that run, or another --exp-name"
@@ -120,6 +119,11 @@ def prepare(cfg: Config, resume: bool, ckpt: str | None, overwrite: bool) -> Pat
             )
     check_writable(run_dir)
     return found
+
+
+def own_checkpoint(run_dir: Path, ckpt: Path | None) -> bool:
+    """Whether ``ckpt`` is one of ``run_dir``'s own checkpoints (a --ckpt may name another run's)."""
+    return ckpt is not None and Path(ckpt).resolve().parent == (run_dir / "checkpoints").resolve()
 
 
 def clear_outputs(run_dir: Path) -> None:

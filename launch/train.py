@@ -296,7 +296,7 @@ def run(
     entry point tests call in-process. The data and settings are checked, then the run folder is locked and
     checked (``dfm.launch.rundir``); the folder is written to only once the engine is built and resumed."""
     from dfm.launch.engine import setup_distributed
-    from dfm.launch.rundir import clear_outputs, open_run
+    from dfm.launch.rundir import clear_outputs, open_run, own_checkpoint
     from dfm.launch.threads import set_threads
 
     from dfm import distributed
@@ -311,8 +311,7 @@ def run(
         trainer = build_trainer(cfg, resume_from, init=init)
         if resume_from is not None:
             trainer.resume(resume_from)
-        own = resume_from is not None and resume_from.resolve().parent == (cfg.run_dir / "checkpoints").resolve()
-        if overwrite and not own:  # the new run is built (from nothing or another run's --ckpt): the old one goes
+        if overwrite and not own_checkpoint(cfg.run_dir, resume_from):  # the new run is built: the old one goes
             distributed.agree(lambda: clear_outputs(cfg.run_dir))
         if rank == 0:
             lock.announce()  # the run has started: from here on the folder is its
